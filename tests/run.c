@@ -1,0 +1,101 @@
+/* tests/run.c — the test runner: runs every group (or those named on the command line) and
+ * ends with the line "N passed, M failed". */
+#define _POSIX_C_SOURCE 200809L
+#include "test.h"
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+int test_passed, test_failed;
+const char *test_group = "";
+
+/* The groups, one per test file (tests/test_<group>.c). */
+#define TEST_GROUPS(X) \
+    X(fp16) X(math) X(io) X(png) X(tokenizer) X(ops) X(policy) X(vae) X(unet) X(clip) \
+    X(ipadapter) X(sampler) X(pipeline) X(lab) X(cli)
+#define DECLARE(g) void test_##g(void);
+TEST_GROUPS(DECLARE)
+#define ENTRY(g) { #g, test_##g },
+static const struct { const char *name; void (*fn)(void); } groups[] = { TEST_GROUPS(ENTRY) };
+
+static char shared_dir[2048];
+static char tmp_dir[2048];
+
+const char *shared_path(const char *rel) {
+    static char buf[8][4352];
+    static int k;
+    k = (k + 1) % 8;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", shared_dir, rel);
+    return buf[k];
+}
+
+int have_shared(void) {
+    struct stat s;
+    return stat(shared_path("golden/tiny_a/manifest.json"), &s) == 0;
+}
+
+const char *test_tmpdir(void) {
+    if (!tmp_dir[0]) {
+        const char *base = getenv("TMPDIR");
+        snprintf(tmp_dir, sizeof tmp_dir, "%s/sdref-test-XXXXXX", base && *base ? base : "/tmp");
+        if (!mkdtemp(tmp_dir)) sd_fatal("cannot create a temporary directory");
+    }
+    return tmp_dir;
+}
+
+const char *tmp_path(const char *name) {
+    static char buf[8][4352];
+    static int k;
+    k = (k + 1) % 8;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", test_tmpdir(), name);
+    return buf[k];
+}
+
+int run_cmd(const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int rc = system(cmd);
+    if (rc == -1) return -1;
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+int env_flag(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+static void cleanup(void) {
+    if (tmp_dir[0] && !env_flag("SDREF_KEEP_TMP")) {
+        char cmd[4200];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
+        if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", tmp_dir);
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *s = getenv("SDREF_SHARED");
+    snprintf(shared_dir, sizeof shared_dir, "%s", s && *s ? s : "../shared");
+    atexit(cleanup);
+    if (!have_shared())
+        fprintf(stderr, "note: %s not found; golden-data tests will fail (set SDREF_SHARED)\n", shared_dir);
+    int ran = 0;
+    for (size_t i = 0; i < sizeof groups / sizeof groups[0]; i++) {
+        int want = argc < 2;
+        for (int a = 1; a < argc; a++) want |= strcmp(argv[a], groups[i].name) == 0;
+        if (!want) continue;
+        int p0 = test_passed, f0 = test_failed;
+        test_group = groups[i].name;
+        groups[i].fn();
+        fprintf(stderr, "[%s] %d passed, %d failed\n", groups[i].name, test_passed - p0, test_failed - f0);
+        ran++;
+    }
+    if (!ran) fprintf(stderr, "no test group matched\n");
+    printf("%d passed, %d failed\n", test_passed, test_failed);
+    return test_failed ? 1 : 0;
+}

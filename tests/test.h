@@ -1,0 +1,29 @@
+/* tests/test.h — the tiny test framework: CHECK records a pass or a failure with a message. */
+#ifndef SDREF_TEST_H
+#define SDREF_TEST_H
+#include "sdref.h"
+#include <stdio.h>
+
+extern int test_passed, test_failed;
+extern const char *test_group;
+
+/* One assertion: counted as passed or failed; a failure prints where and why. */
+#define CHECK(cond, ...) do { \
+    if (cond) test_passed++; \
+    else { test_failed++; fprintf(stderr, "FAIL %s:%d [%s] ", __FILE__, __LINE__, test_group); \
+           fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } \
+} while (0)
+
+/* Path of a file under the shared data folder ($SDREF_SHARED, default ../shared). */
+const char *shared_path(const char *rel);
+/* A fresh temporary directory for this run (created once, removed at exit). */
+const char *test_tmpdir(void);
+/* Path of a file inside test_tmpdir(). */
+const char *tmp_path(const char *name);
+/* 1 when the shared data folder exists (golden tests are skipped with a note otherwise). */
+int have_shared(void);
+/* Run a shell command, returning its exit status (for command-line tests of ./sdref). */
+int run_cmd(const char *fmt, ...);
+/* Environment flag (SDREF_EXHAUSTIVE, SDREF_FULL) set to a non-empty value other than 0. */
+int env_flag(const char *name);
+#endif

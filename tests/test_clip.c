@@ -1,0 +1,3 @@
+/* tests/test_clip.c — placeholder until the clip tests land. */
+#include "test.h"
+void test_clip(void) {}

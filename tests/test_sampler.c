@@ -1,0 +1,3 @@
+/* tests/test_sampler.c — placeholder until the sampler tests land. */
+#include "test.h"
+void test_sampler(void) {}
