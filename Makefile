@@ -11,7 +11,7 @@ OPENMP  ?= -fopenmp
 STD      = -std=c99 -Wall -Wextra -Wpedantic -Werror -ffp-contract=off
 LDLIBS   = -lm
 
-SRC  = fp16.c ref.c io.c cli.c png.c tokenizer.c clip.c unet.c vae.c ipadapter.c sampler.c
+SRC  = fp16.c ref.c io.c cli.c png.c tokenizer.c clip.c unet.c vae.c ipadapter.c sampler.c pipeline.c lab.c demo.c report.c
 HDR  = sdref.h
 TESTS = $(wildcard tests/test_*.c)
 
@@ -27,12 +27,15 @@ test: sdref tests/run
 	./tests/run
 
 exhaustive: tests/run
-	SDREF_EXHAUSTIVE=1 ./tests/run fp16
+	SDREF_EXHAUSTIVE=1 ./tests/run fp16 math
 
 demo: sdref
 	./sdref demo
 
-FUZZ_TARGETS = fuzz/fuzz_safetensors fuzz/fuzz_npy fuzz/fuzz_json fuzz/fuzz_png
+test-full: sdref tests/run
+	SDREF_FULL=1 ./tests/run unet
+
+FUZZ_TARGETS = fuzz/fuzz_safetensors fuzz/fuzz_npy fuzz/fuzz_json fuzz/fuzz_png fuzz/fuzz_inflate
 fuzz: $(FUZZ_TARGETS)
 fuzz/fuzz_%: fuzz/fuzz_%.c $(SRC) $(HDR)
 	clang -g -O1 -std=c99 -ffp-contract=off -fsanitize=fuzzer,address,undefined -I. $(SRC) $< -o $@ -lm
@@ -43,4 +46,4 @@ bench: sdref tests/bench.sh
 clean:
 	rm -f sdref tests/run $(FUZZ_TARGETS)
 
-.PHONY: all test exhaustive demo fuzz bench clean
+.PHONY: all test test-full exhaustive demo fuzz bench clean

@@ -60,3 +60,35 @@ int args_threads(sd_args *a, int *threads) {
     sd_set_threads((int)n);
     return 0;
 }
+
+int args_trace(sd_args *a, sd_trace *t, const char **path) {
+    memset(t, 0, sizeof *t);
+    *path = args_value(a, "--trace");
+    int stats_only = args_flag(a, "--trace-stats-only");
+    const char *filter = args_value(a, "--trace-filter");
+    if (!*path) {
+        if (stats_only || filter) {
+            sd_error("--trace-stats-only and --trace-filter need --trace FILE.safetensors");
+            return -1;
+        }
+        return 0;
+    }
+    t->keep_data = !stats_only;
+    t->filter = (char *)filter;   /* borrowed from argv */
+    return 1;
+}
+
+int args_shadow(sd_args *a, sd_precision *ref, const char **report_path, int *nan_check) {
+    const char *spec = args_value(a, "--shadow");
+    *report_path = args_value(a, "--overflow-report");
+    *nan_check = args_flag(a, "--nan-check");
+    if (!spec) {
+        if (*report_path) {
+            sd_error("--overflow-report needs --shadow SPEC (the reference precision, e.g. fp32)");
+            return -1;
+        }
+        return 0;
+    }
+    if (sd_precision_parse(spec, ref)) return -1;
+    return 1;
+}

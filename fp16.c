@@ -338,8 +338,10 @@ static double scale2(double x, int k) {
     return x * pow2i(k);                                           /* ... and round only here */
 }
 
-/* exp(r) for |r| <= 0.35: Taylor series to degree 13 (remainder < 2^-60 relative). */
-static double exp_kernel(double r) {
+/* exp(rh + rl) for |rh| <= 0.35, |rl| tiny: Taylor series to degree 13 (remainder < 2^-60
+ * relative); 1 + rh is summed exactly so that only the small terms carry rounding errors. */
+static double exp_kernel(double rh, double rl) {
+    double r = rh + rl;
     double p = 0x1.6124613a86d09p-33;                   /* 1/13! */
     p = p * r + 0x1.1eed8eff8d898p-29;                  /* 1/12! */
     p = p * r + 0x1.ae64567f544e4p-26;                  /* 1/11! */
@@ -352,7 +354,9 @@ static double exp_kernel(double r) {
     p = p * r + 0x1.5555555555555p-5;                   /* 1/4!  */
     p = p * r + 0x1.5555555555555p-3;                   /* 1/3!  */
     p = p * r + 0.5;
-    return 1.0 + (r + r * r * p);
+    double q = r * r * p;                               /* exp(r) - 1 - r */
+    double ae, a = two_sum(1.0, rh, &ae);
+    return a + (ae + (rl + q));
 }
 
 double sd_exp(double x) {
@@ -361,8 +365,7 @@ double sd_exp(double x) {
     if (x < -745.2) return 0.0;
     /* x = k ln2 + r, |r| <= ln2/2 (Cody–Waite: k * LN2_HI and x - k * LN2_HI are exact). */
     double k = floor(x * INV_LN2 + 0.5);
-    double r = (x - k * LN2_HI) - k * LN2_LO;
-    return scale2(exp_kernel(r), (int)k);
+    return scale2(exp_kernel(x - k * LN2_HI, -(k * LN2_LO)), (int)k);
 }
 
 float sd_expf(float x) { return (float)sd_exp((double)x); }
@@ -392,34 +395,53 @@ static double expm1_d(double x) {
     return sd_exp(x) - 1.0;
 }
 
+/* a * b == hi + lo exactly (Dekker, with Veltkamp splitting; no fma). */
+static double two_prod(double a, double b, double *lo) {
+    const double split = 134217729.0;                   /* 2^27 + 1 */
+    double ca = split * a, ah = ca - (ca - a), al = a - ah;
+    double cb = split * b, bh = cb - (cb - b), bl = b - bh;
+    double p = a * b;
+    *lo = ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+    return p;
+}
+
 /* log(x) for finite x > 0 as hi + lo (|lo| <= ulp(hi)/2, about 2^-60 relative error). */
 static double log_hilo(double x, double *lo_out) {
-    uint64_t u = f64_bits(x);
+    uint64_t xb = f64_bits(x);
     int e = 0;
-    if (u < 0x0010000000000000ull) { u = f64_bits(x * 0x1p54); e = -54; }   /* subnormal */
-    e += (int)(u >> 52) - 1023;
-    uint64_t mbits = (u & 0xfffffffffffffull) | 0x3ff0000000000000ull;     /* m in [1, 2) */
+    if (xb < 0x0010000000000000ull) { xb = f64_bits(x * 0x1p54); e = -54; }   /* subnormal */
+    e += (int)(xb >> 52) - 1023;
+    uint64_t mbits = (xb & 0xfffffffffffffull) | 0x3ff0000000000000ull;     /* m in [1, 2) */
     if (mbits > 0x3ff6a09e667f3bcdull) { mbits -= 0x0010000000000000ull; e++; }   /* m in [sqrt(1/2), sqrt(2)) */
     double f = f64_of(mbits) - 1.0;                     /* exact */
-    /* log(1+f) = 2 atanh(s), s = f/(2+f) = f - s f + s R, R = 2s^2/3 + 2s^4/5 + ... (|s| < 0.172) */
-    double s = f / (2.0 + f), z = s * s;
-    double R = 0x1.47ae147ae147bp-4;                    /* 2/25 */
-    R = R * z + 0x1.642c8590b2164p-4;                   /* 2/23 */
-    R = R * z + 0x1.8618618618618p-4;                   /* 2/21 */
-    R = R * z + 0x1.af286bca1af28p-4;                   /* 2/19 */
-    R = R * z + 0x1.e1e1e1e1e1e1ep-4;                   /* 2/17 */
-    R = R * z + 0x1.1111111111111p-3;                   /* 2/15 */
-    R = R * z + 0x1.3b13b13b13b14p-3;                   /* 2/13 */
-    R = R * z + 0x1.745d1745d1746p-3;                   /* 2/11 */
-    R = R * z + 0x1.c71c71c71c71cp-3;                   /* 2/9 */
-    R = R * z + 0x1.2492492492492p-2;                   /* 2/7 */
-    R = R * z + 0x1.999999999999ap-2;                   /* 2/5 */
-    R = R * z + 0x1.5555555555555p-1;                   /* 2/3 */
-    R = R * z;
-    double corr = s * (f - R);                          /* log(1+f) = f - corr */
-    double de = (double)e, err;
-    double hi = two_sum(de * LN2_HI, f, &err);          /* de * LN2_HI exact */
-    double lo = (err + de * LN2_LO) - corr;
+    /* log(1+f) = 2 atanh(s) = 2s + s R, s = f/(2+f), R = 2s^2/3 + 2s^4/5 + ... (|s| < 0.172).
+     * u = 2s is formed as a double-double (u + ulo) from the exact residual of the division. */
+    double d = 2.0 + f, dlo = (2.0 - d) + f;             /* 2 + f == d + dlo exactly */
+    double u = (f + f) / d, pe, p = two_prod(u, d, &pe);
+    double ulo = ((((f + f) - p) - pe) - u * dlo) / d;   /* (2f - u (d + dlo)) / (d + dlo) */
+    /* The rest, s R = (2/3) s^3 + s^5 Q(z): the leading term is a double-double too (with
+     * s^3's dependence on ulo), leaving rounding errors only in s^5 Q < 6e-5. */
+    double s = 0.5 * u, zl, z = two_prod(s, s, &zl);    /* s^2 = z + zl */
+    double cl, c = two_prod(s, z, &cl);                 /* s^3 = c + cl */
+    cl += s * zl;
+    double tl, t = two_prod(c, 0x1.5555555555555p-1, &tl);   /* (2/3) s^3 = t + tl */
+    tl += cl * 0x1.5555555555555p-1 + c * 0x1.5555555555555p-55;
+    double Q = 0x1.47ae147ae147bp-4;                    /* 2/25 */
+    Q = Q * z + 0x1.642c8590b2164p-4;                   /* 2/23 */
+    Q = Q * z + 0x1.8618618618618p-4;                   /* 2/21 */
+    Q = Q * z + 0x1.af286bca1af28p-4;                   /* 2/19 */
+    Q = Q * z + 0x1.e1e1e1e1e1e1ep-4;                   /* 2/17 */
+    Q = Q * z + 0x1.1111111111111p-3;                   /* 2/15 */
+    Q = Q * z + 0x1.3b13b13b13b14p-3;                   /* 2/13 */
+    Q = Q * z + 0x1.745d1745d1746p-3;                   /* 2/11 */
+    Q = Q * z + 0x1.c71c71c71c71cp-3;                   /* 2/9 */
+    Q = Q * z + 0x1.2492492492492p-2;                   /* 2/7 */
+    Q = Q * z + 0x1.999999999999ap-2;                   /* 2/5 */
+    double rest = (s * z) * z * Q;
+    double de = (double)e, err1, err2;
+    double hi = two_sum(de * LN2_HI, u, &err1);         /* de * LN2_HI exact */
+    hi = two_sum(hi, t, &err2);
+    double lo = (((err1 + err2) + de * LN2_LO) + (ulo + z * ulo)) + (tl + rest);
     double h = hi + lo;
     *lo_out = lo - (h - hi);
     return h;
@@ -436,16 +458,7 @@ double sd_log(double x) {
 
 float sd_logf(float x) { return (float)sd_log((double)x); }
 
-/* a * b == hi + lo exactly (Dekker, with Veltkamp splitting; no fma). */
-static double two_prod(double a, double b, double *lo) {
-    const double split = 134217729.0;                   /* 2^27 + 1 */
-    double ca = split * a, ah = ca - (ca - a), al = a - ah;
-    double cb = split * b, bh = cb - (cb - b), bl = b - bh;
-    double p = a * b;
-    *lo = ((ah * bh - p) + ah * bl + al * bh) + al * bl;
-    return p;
-}
-
+/* x^y = exp(y log x) with log x and y log x as double-doubles (log to about 2^-64). */
 double sd_pow(double x, double y) {
     if (x != x || y != y) return x + y;
     if (y == 0 || x == 1) return 1.0;
@@ -470,6 +483,7 @@ float sd_erff(float xf) {
     int neg = (f32_bits(xf) >> 31) != 0;
     double a = neg ? -x : x;
     double r;
+    if (a == 0) return xf;                              /* +-0 */
     if (a >= 4.0) r = 1.0;                              /* erf(4) = 1 - 1.5e-8: 1.0f */
     else {
         /* erf(a) = 2/sqrt(pi) exp(-a^2) sum_n a (2a^2)^n / (1*3*...*(2n+1)): positive terms,

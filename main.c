@@ -7,6 +7,7 @@
 typedef struct command { const char *name; int (*fn)(int, char **); const char *usage; } command;
 
 static const command commands[] = {
+    { "demo", cmd_demo, "[--out DIR] [--threads N]   (no files needed: a small model made on the spot, fp32 vs fp16)" },
     { "vae-decode", cmd_vae_decode,
       "--model PATH [--config JSON] --latent IN.npy [--scaled] [--precision SPEC] [--threads N] -o OUT.npy|OUT.png" },
     { "vae-encode", cmd_vae_encode,
@@ -22,6 +23,18 @@ static const command commands[] = {
     { "clip-vision", cmd_clip_vision,
       "--model PATH [--config JSON] (--pixels PX.npy | --image IN.png) [--penultimate HS.npy] [--precision SPEC] -o EMBEDS.npy" },
     { "preprocess", cmd_preprocess, "--image IN.png -o PIXELS.npy" },
+    { "txt2img", cmd_txt2img,
+      "--model PATH (--prompt TEXT [--negative TEXT] [--tokenizer PATH] | --ids-cond IDS.npy --ids-uncond IDS.npy) "
+      "[--noise N.npy | --seed S [--rng cpu|cuda]] [--steps N] [--cfg G] [--sampler ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras] "
+      "[--width W --height H] [--vae PATH] [--clip-skip N] [--ip-adapter F (--ip-embeds E.npy | --ip-image IMG --image-encoder PATH) "
+      "[--ip-scale S]] [--precision SPEC] [--threads N] [--trace T.safetensors [--trace-stats-only] [--trace-filter GLOB]] "
+      "[-o OUT.png] [--latent-out LAT.npy] [--image-out IMG.npy] [--quiet]" },
+    { "img2img", cmd_img2img, "(as txt2img) --init IMG.png --strength S" },
+    { "compare", cmd_compare,
+      "A B [--atol X] [--rtol R] [--ulps N] [--json OUT.json] [--quiet]   (.npy, .png or traces .safetensors; exit 1 beyond tolerance)" },
+    { "report", cmd_report,
+      "(txt2img/img2img options) --precision A --vs B [--layers GLOB] [-o REPORT.html]   (one job under two precisions, "
+      "as one self-contained HTML page)" },
 };
 
 static void usage(FILE *f) {
@@ -51,8 +64,8 @@ int main(int argc, char **argv) {
             }
         int rc = commands[i].fn(argc - 1, argv + 1);
         if (rc != 0) {
-            const char *e = sd_last_error();
-            fprintf(stderr, "sdref %s: %s\n", commands[i].name, e[0] ? e : "failed");
+            const char *e = sd_last_error();   /* no message: a verdict (compare beyond tolerance), not an error */
+            if (e[0]) fprintf(stderr, "sdref %s: %s\n", commands[i].name, e);
             return rc > 0 ? rc : 1;
         }
         return 0;

@@ -187,6 +187,11 @@ static int huff_decode(const huff *h, bitreader *b) {
  * distance may not reach before it). */
 typedef struct outbuf { uint8_t *p; size_t n, cap, max, base; } outbuf;
 
+static outbuf build_outbuf(size_t max) {
+    outbuf o = { sd_malloc(1), 0, 0, max, 0 };   /* never NULL, so p + n is always defined */
+    return o;
+}
+
 static int out_reserve(outbuf *o, size_t extra) {
     if (extra > o->max - o->n) return -1;
     if (o->n + extra <= o->cap) return 0;
@@ -356,14 +361,14 @@ static const char *zlib_inflate_into(const uint8_t *in, size_t len, outbuf *o) {
 }
 
 int sd_zlib_inflate(const uint8_t *in, size_t in_len, uint8_t **out, size_t *out_len, size_t max_out) {
-    outbuf o = { NULL, 0, 0, max_out, 0 };
+    outbuf o = build_outbuf(max_out);
     const char *err = zlib_inflate_into(in, in_len, &o);
     if (err) {
         free(o.p);
         sd_error("zlib stream: %s", err);
         return -1;
     }
-    *out = o.p ? o.p : sd_malloc(1);
+    *out = o.p;
     *out_len = o.n;
     return 0;
 }
@@ -407,7 +412,7 @@ static const char *gunzip_member(const uint8_t *in, size_t len, size_t *used, ou
 
 /* Concatenated members are inflated one after the other into one output. */
 int sd_gunzip(const uint8_t *in, size_t in_len, uint8_t **out, size_t *out_len, size_t max_out) {
-    outbuf o = { NULL, 0, 0, max_out, 0 };
+    outbuf o = build_outbuf(max_out);
     size_t pos = 0;
     const char *err = NULL;
     do {
@@ -420,7 +425,7 @@ int sd_gunzip(const uint8_t *in, size_t in_len, uint8_t **out, size_t *out_len, 
         sd_error("gzip stream: %s", err);
         return -1;
     }
-    *out = o.p ? o.p : sd_malloc(1);
+    *out = o.p;
     *out_len = o.n;
     return 0;
 }
@@ -1030,10 +1035,13 @@ int png_decode(const uint8_t *buf, size_t len, const char *what, sd_image *out) 
     memset(&h, 0, sizeof h);
     memset(h.palette_alpha, 255, sizeof h.palette_alpha);
     uint8_t *idat = NULL;
-    size_t idat_len = 0, pos = 8;
+    size_t idat_len = 0, idat_cap = 0, pos = 8;
     int seen_ihdr = 0, idat_state = 0;   /* 0 none yet, 1 in the IDAT run, 2 after it */
     for (;;) {
-        if (pos == len) { sd_error("%s: file ends without an IEND chunk (truncated?)", what); goto fail; }
+        if (pos == len) {
+            sd_error(seen_ihdr ? "%s: file ends without an IEND chunk (truncated?)" : "%s: file ends after the PNG signature", what);
+            goto fail;
+        }
         if (len - pos < 12) { sd_error("%s: file truncated inside a chunk header at offset %lu", what, (unsigned long)pos); goto fail; }
         uint32_t clen = be32(buf + pos);
         const uint8_t *type = buf + pos + 4, *data = buf + pos + 8;
@@ -1068,7 +1076,10 @@ int png_decode(const uint8_t *buf, size_t len, const char *what, sd_image *out) 
             if (idat_state == 2) { sd_error("%s: IDAT chunks are not consecutive", what); goto fail; }
             if (h.color == 3 && !h.n_palette) { sd_error("%s: colour type 3 (palette) without a PLTE chunk before IDAT", what); goto fail; }
             idat_state = 1;
-            idat = sd_realloc(idat, idat_len + clen + 1);
+            if (idat_len + clen + 1 > idat_cap) {   /* grow geometrically: files may hold many tiny IDATs */
+                while (idat_len + clen + 1 > idat_cap) idat_cap = idat_cap ? 2 * idat_cap : 4096;
+                idat = sd_realloc(idat, idat_cap);
+            }
             memcpy(idat + idat_len, data, clen);
             idat_len += clen;
         } else if (strcmp(name, "IEND") == 0) {
@@ -1092,7 +1103,7 @@ int png_decode(const uint8_t *buf, size_t len, const char *what, sd_image *out) 
         if (pw && ph) expected += (uint64_t)ph * (1 + pass_rowbytes(&h, pw));
     }
     if (expected > (uint64_t)(size_t)-1 / 2) { sd_error("%s: image too large for this machine", what); goto fail; }
-    outbuf o = { NULL, 0, 0, (size_t)expected, 0 };
+    outbuf o = build_outbuf((size_t)expected);
     const char *err = zlib_inflate_into(idat, idat_len, &o);
     free(idat);
     idat = NULL;

@@ -766,6 +766,20 @@ void sd_stats_compute(const float *x, size_t n, sd_trace_stats *st) {
     if (!finite && !st->n_inf) st->min = st->max = 0;
 }
 
+/* The reference run's entry of that name: searched from where the last match was, so repeated
+ * names pair up in execution order. */
+static const sd_trace_entry *reference_entry(sd_trace *t, const char *name) {
+    const sd_trace *r = t->reference;
+    for (int k = 0; k < r->n; k++) {
+        int i = (t->ref_cursor + k) % r->n;
+        if (strcmp(r->e[i].name, name) == 0) {
+            t->ref_cursor = i + 1;
+            return &r->e[i];
+        }
+    }
+    return NULL;
+}
+
 void sd_trace_tensor(const sd_ctx *c, const char *name, const sd_tensor *x) {
     sd_trace *t = c ? c->trace : NULL;
     if (!t) return;
@@ -783,9 +797,22 @@ void sd_trace_tensor(const sd_ctx *c, const char *name, const sd_tensor *x) {
     for (int i = 0; i < 4; i++) e->shape[i] = x->shape[i];
     size_t n = tensor_numel(x);
     sd_stats_compute(x->data, n, &e->stats);
+    if (t->nan_check && (e->stats.n_inf || e->stats.n_nan)) {
+        fprintf(stderr, "sdref: --nan-check: first Inf/NaN at %s (%lld Inf, %lld NaN of %lld values; max |finite| %.6g)\n", full,
+                (long long)e->stats.n_inf, (long long)e->stats.n_nan, (long long)e->stats.n, e->stats.max_abs);
+        exit(3);
+    }
     if (t->keep_data) {
         e->data = sd_malloc(n * sizeof(float));
         memcpy(e->data, x->data, n * sizeof(float));
+    }
+    if (t->reference) {
+        const sd_trace_entry *r = reference_entry(t, full);
+        if (r && r->data && r->stats.n == (int64_t)n) {
+            sd_compare_arrays(x->data, r->data, n, &e->err);
+            e->has_err = 1;
+            if (t->force_reference) memcpy(x->data, r->data, n * sizeof(float));   /* teacher forcing */
+        }
     }
 }
 

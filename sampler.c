@@ -214,16 +214,23 @@ void sd_randn(sd_rng_kind kind, uint64_t seed, float *out, size_t n) {
  * The schedule: betas -> alphas_cumprod, exactly as diffusers builds its float32 tensors.
  * ====================================================================================== */
 
-/* torch.linspace(start, end, n, dtype=float32) (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp):
- * step = (end - start) / (n - 1) in float; the first half counts up from start, the second half
- * down from end, so both ends are exact. */
+/* torch.linspace(start, end, n, dtype=float32) as torch 1.13 computes it on x86 (aten/src/ATen/
+ * native/cpu/RangeFactoriesKernel.cpp, vectorised with AVX2): step = (end - start) / (n - 1) in
+ * double; blocks of 8 values, two blocks per loop turn, each block from a base rounded to float —
+ * float(start + step*i) in the first half, float(end - step*(n-1-i)) in the second — its values
+ * float(base + k*step); the values after the last whole pair of blocks one by one from the same
+ * two formulas. (This reproduces the golden diffusers run bit for bit; later torch versions
+ * compute step in float without blocks, which moves some betas by an ulp.) */
 static void torch_linspace_f32(float start, float end, int n, float *out) {
-    float step = (end - start) / (float)(n - 1);
-    int halfway = n / 2;
-    for (int i = 0; i < n; i++) {
-        if (i < halfway) out[i] = start + step * (float)i;
-        else out[i] = end - step * (float)(n - i - 1);
+    double step = n > 1 ? ((double)end - (double)start) / (double)(n - 1) : 0.0;
+    int halfway = n / 2, i = 0;
+    for (; i <= n - 16; i += 16) {
+        for (int b = i; b < i + 16; b += 8) {
+            float base = b < halfway ? (float)(start + step * b) : (float)(end - step * (n - b - 1));
+            for (int k = 0; k < 8; k++) out[b + k] = (float)((double)base + k * step);
+        }
     }
+    for (; i < n; i++) out[i] = i < halfway ? (float)(start + step * i) : (float)(end - step * (n - i - 1));
 }
 
 /* diffusers DDPM/DDIM/Euler/DPM __init__: scaled_linear betas = linspace(sqrt(b0), sqrt(b1), T)^2

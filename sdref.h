@@ -15,6 +15,9 @@
  *   vae.c        AutoencoderKL (SD1.x and SDXL)
  *   ipadapter.c  IP-Adapter image projections (base, Plus, Full-face)
  *   sampler.c    noise schedules, samplers, torch-compatible RNGs
+ *   pipeline.c   txt2img and img2img: the whole job from the files users have
+ *   demo.c       `sdref demo`: a model made on the spot, rendered under three precisions
+ *   lab.c        compare results (arrays, images, traces), image metrics
  *   cli.c        command-line helpers shared by the commands
  *   main.c       the command line: dispatch to the commands
  *
@@ -26,9 +29,16 @@
 #ifndef SDREF_H
 #define SDREF_H
 
+#include <float.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+
+/* Bits are defined by the source only when float arithmetic is evaluated in float (not in the
+ * x87's 80-bit registers). 32-bit x86: build with -msse2 -mfpmath=sse. */
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
+#error "sdref needs FLT_EVAL_METHOD == 0 (on 32-bit x86: -msse2 -mfpmath=sse)"
+#endif
 
 #define SDREF_VERSION "0.1.0"
 
@@ -85,7 +95,9 @@ const char *sd_format_name(sd_format f);             /* "fp32", "fp16", "bf16", 
 int sd_format_parse(const char *s, sd_format *out);  /* accepts the names above (+ "f32","f16","fp8"=e4m3...); 0/-1 */
 
 /* Conversions: float32 -> format bits with round-to-nearest-even, subnormals, overflow to Inf
- * (E4M3: to NaN, as PyTorch does), NaN stays NaN. Format bits -> float32 is exact. */
+ * (E4M3: |x| > 464 and Inf to NaN, as PyTorch does), NaN stays NaN with its sign (quiet:
+ * 0x7e00 fp16, 0x7fc0 bf16, 0x7f fp8; sd_round gives 0x7fc00000 | sign). Format bits -> float32
+ * is exact. */
 uint16_t sd_f32_to_f16(float x);
 float sd_f16_to_f32(uint16_t h);
 uint16_t sd_f32_to_bf16(float x);
@@ -105,7 +117,8 @@ void sd_round_buffer(float *x, size_t n, sd_format f);
 int sd_is_representable(float x, sd_format f);
 
 /* Emulated binary16 / bfloat16 arithmetic on values held in float32 (each operand must already
- * be a value of the format); results correctly rounded (round-to-nearest-even). */
+ * be a value of the format); results correctly rounded (round-to-nearest-even). A NaN result
+ * is always 0x7fc00000 (hardware NaN signs differ between platforms). */
 float sd_f16_add(float a, float b);
 float sd_f16_sub(float a, float b);
 float sd_f16_mul(float a, float b);
@@ -132,7 +145,7 @@ double sd_exp(double x);
 double sd_log(double x);
 double sd_sin(double x);
 double sd_cos(double x);
-double sd_pow(double x, double y);   /* x > 0 */
+double sd_pow(double x, double y);   /* x > 0; within about 2 ulp */
 
 /* ======================================================================================
  * Precision policy, tracing, context (ref.c)
@@ -165,14 +178,30 @@ typedef struct sd_trace_stats {
     double min, max, max_abs, mean, std;
     int64_t n, n_inf, n_nan, n_over_f16, n_sub_f16;
 } sd_trace_stats;
+typedef struct sd_cmp_stats {
+    size_t n;
+    double max_abs, max_rel, mean_abs, rms, cosine;
+    double ulp32_max, ulp32_median, ulp16_max, ulp16_median;
+    double identical;          /* share of bit-identical elements (NaN = NaN) */
+    double max_abs_ref;        /* max |b| over finite elements */
+    int64_t nan_mismatch;      /* elements where exactly one side is NaN */
+} sd_cmp_stats;
 typedef struct sd_trace_entry {
     char *name; int ndim; int64_t shape[4]; float *data; /* NULL when stats only */
     sd_trace_stats stats;
+    int has_err; sd_cmp_stats err;   /* against the reference trace's same-named tensor */
 } sd_trace_entry;
 typedef struct sd_trace {
     sd_trace_entry *e; int n, cap;
     int keep_data;          /* 0: statistics only */
     char *filter;           /* glob (* and ?), NULL = all */
+    /* shadow runs: each traced tensor is compared with the reference run's tensor of the same
+     * name (err); with force_reference it is then replaced by it, so every layer downstream is
+     * fed the reference input and its own error shows alone. */
+    const struct sd_trace *reference;
+    int force_reference;
+    int ref_cursor;
+    int nan_check;          /* stop at the first tensor with Inf or NaN, naming it */
 } sd_trace;
 void sd_stats_compute(const float *x, size_t n, sd_trace_stats *s);
 void sd_trace_free(sd_trace *t);
@@ -351,7 +380,7 @@ typedef struct st_entry {
 typedef struct sd_safetensors {
     char *path;
     st_entry *entries; int n;
-    char *metadata_json;            /* raw "__metadata__" object text, or NULL */
+    char *metadata_json;            /* "__metadata__" as compact JSON text {"k":"v",...}, or NULL */
     const uint8_t *data;            /* start of the data section */
     uint64_t data_len;
     void *map; uint64_t map_len; int mapped;   /* mmap'ed, or malloc'ed when mmap is absent */
@@ -417,11 +446,13 @@ void json_write_string(FILE *f, const char *s);
  * zlib / gzip / PNG (png.c)
  * ====================================================================================== */
 
-/* Inflate a zlib stream (header, Adler-32 checked). *out malloc'ed. max_out bounds the size. */
+/* Inflate a zlib stream (header, Adler-32 checked; bytes after the stream are an error). *out
+ * malloc'ed (also when empty). max_out bounds the size: a larger output is an error. */
 int sd_zlib_inflate(const uint8_t *in, size_t in_len, uint8_t **out, size_t *out_len, size_t max_out);
-/* Deflate with real compression (LZ77 + Huffman); zlib wrapper. level 0..9. */
+/* Deflate with real compression (LZ77 + Huffman); zlib wrapper. level 0 (stored) .. 9; below 0
+ * means 6. Deterministic: the same input and level give the same bytes everywhere. */
 int sd_zlib_deflate(const uint8_t *in, size_t in_len, int level, uint8_t **out, size_t *out_len);
-/* Gunzip a .gz file's content (CRC-32 checked). */
+/* Gunzip a .gz file's content (header CRC, CRC-32 and ISIZE checked; concatenated members). */
 int sd_gunzip(const uint8_t *in, size_t in_len, uint8_t **out, size_t *out_len, size_t max_out);
 uint32_t sd_crc32(uint32_t crc, const uint8_t *p, size_t n);
 
@@ -432,12 +463,15 @@ typedef struct sd_image {
     void *pixels;           /* uint8_t or uint16_t (host order), row-major [H][W][4] */
 } sd_image;
 /* Decode any standard PNG to RGBA (8-bit for depth <= 8, 16-bit for 16). -1 with sd_error
- * naming `what` (usually the path). Dimensions bounded (SD_PNG_MAX_PIXELS). */
+ * naming `what` (usually the path). Dimensions bounded (SD_PNG_MAX_PIXELS). Strict: every
+ * chunk's CRC is checked and the IDAT data must inflate to exactly the image's size. */
 #define SD_PNG_MAX_PIXELS (1u << 28)
 int png_decode(const uint8_t *buf, size_t len, const char *what, sd_image *out);
 int png_read_file(const char *path, sd_image *out);
 void sd_image_free(sd_image *im);
-/* Write 8-bit RGB (channels 3) or RGBA (4) with optional tEXt chunks (keys[i] = values[i]). */
+/* Write 8-bit RGB (channels 3) or RGBA (4) with optional text chunks (keys[i] = values[i], both
+ * UTF-8; keys must be Latin-1, 1..79 characters). A value of Latin-1 characters only goes into
+ * tEXt (as Latin-1 bytes), any other into an uncompressed iTXt (UTF-8), as Pillow/A1111 do. */
 int png_write_file(const char *path, int width, int height, int channels, const uint8_t *pixels,
                    int n_text, const char *const *keys, const char *const *values);
 
@@ -459,6 +493,10 @@ int tok_encode_padded(const sd_tokenizer *t, const char *utf8, int max_len, int 
 int tok_bos(const sd_tokenizer *t);
 int tok_eos(const sd_tokenizer *t);
 int tok_pad(const sd_tokenizer *t);
+/* Pre-tokenize and BPE text that is already clean (no BOS/EOS, no clean-up). *ids malloc'ed. */
+int tok_encode_clean(const sd_tokenizer *t, const char *clean_utf8, int **ids, int *n);
+/* The vocabulary string of an id (byte-level symbols, "</w>" = end of word), NULL if out of range. */
+const char *tok_token_text(const sd_tokenizer *t, int id);
 
 /* ======================================================================================
  * Models (vae.c, unet.c, clip.c, ipadapter.c): each has
@@ -489,25 +527,45 @@ typedef struct sd_unet_ip {
     const sd_tensor *tokens;      /* [N, T_ip, cross_dim] image prompt tokens */
     float scale;
 } sd_unet_ip;
-/* sample [N,C,h,w], timestep per batch element, context [N,T,cross_dim] -> [N,C,h,w]. */
+/* sample [N,C,h,w], timestep per batch element, context [N,T,cross_dim] -> [N,C,h,w].
+ * Inputs that do not fit (see unet_check) are a broken invariant: fatal. */
 sd_tensor unet_forward(const sd_unet *u, const sd_ctx *c, const sd_tensor *sample, const float *timesteps,
                        const sd_tensor *context, const sd_unet_ip *ip);
+/* Do the inputs fit the UNet (channels, sizes, context [N,T,cross_dim], IP tokens [N,T,cross_dim]
+ * and adapter)? 0, or -1 with sd_error naming the problem. */
+int unet_check(const sd_unet *u, const sd_tensor *sample, const sd_tensor *context, const sd_unet_ip *ip);
+/* Does an IP-Adapter fit this UNet (token width = cross-attention width, one to_k_ip/to_v_ip
+ * pair of the right shape per cross-attention layer)? 0, or -1 with sd_error saying which
+ * pair is expected (token width 768 = SD1.x, 1024 = SD2.x, 2048 = SDXL). */
+int unet_ip_fits(const sd_unet *u, const sd_ipadapter *a);
 
 typedef struct sd_clip_text sd_clip_text;
+/* PATH: a .safetensors file (transformers text_model.* or LDM cond_stage_model.transformer.*)
+ * or a folder with model.safetensors + config.json. config_path NULL: config.json next to
+ * the file, or SD1.5's config for a single-file checkpoint. */
 sd_clip_text *clip_text_load(const char *path, const char *config_path, const sd_policy *pol);
 void clip_text_free(sd_clip_text *m);
 int clip_text_width(const sd_clip_text *m);
-/* ids [N*T] -> [N,T,width]; clip_skip 1 = last layer (default), 2 = penultimate + final norm. */
+int clip_text_max_length(const sd_clip_text *m);      /* max_position_embeddings (77) */
+int clip_text_vocab_size(const sd_clip_text *m);
+int clip_text_num_layers(const sd_clip_text *m);
+/* ids [N*T] -> [N,T,width]; clip_skip 1 = last layer (default), 2 = penultimate + final norm.
+ * Ids outside the vocabulary, T > max length or a bad clip_skip: sd_error, data NULL. */
 sd_tensor clip_text_forward(const sd_clip_text *m, const sd_ctx *c, const int *ids, int batch, int len, int clip_skip);
 
 typedef struct sd_clip_vision sd_clip_vision;
 sd_clip_vision *clip_vision_load(const char *path, const char *config_path, const sd_policy *pol);
 void clip_vision_free(sd_clip_vision *m);
+int clip_vision_image_size(const sd_clip_vision *m);    /* input side S (224 for ViT-H/14) */
+int clip_vision_hidden_size(const sd_clip_vision *m);   /* E: width of the hidden states (1280) */
+int clip_vision_projection_dim(const sd_clip_vision *m);/* P: width of image_embeds (1024) */
 /* pixels [N,3,S,S] -> image_embeds [N,P]; optional penultimate hidden states [N,T,E] and
- * last hidden state [N,T,E] (before post_layernorm). */
+ * last hidden state [N,T,E] (before post_layernorm). Wrong pixel shape: sd_error, data NULL. */
 sd_tensor clip_vision_forward(const sd_clip_vision *m, const sd_ctx *c, const sd_tensor *pixels,
                               sd_tensor *penultimate, sd_tensor *last_hidden);
-/* CLIPImageProcessor for IP-Adapter: RGB, bicubic shortest side -> 224, centre crop, normalize. */
+/* CLIPImageProcessor for IP-Adapter: RGB, bicubic shortest side -> 224, centre crop, normalize.
+ * pixels [1,3,size,size]; resized_cropped_rgb (NULL to skip): the uint8 [size][size][3] crop
+ * of Pillow's resize, malloc'ed. */
 int clip_preprocess(const sd_image *im, int size, sd_tensor *pixels, uint8_t **resized_cropped_rgb);
 
 sd_ipadapter *ipadapter_load(const char *path, const char *config_path, const sd_policy *pol);
@@ -534,7 +592,7 @@ const char *ipadapter_kind(const sd_ipadapter *a);        /* "base", "plus", "fu
  * SD_RNG_CPU: torch.randn on torch.Generator("cpu").manual_seed(seed) (mt19937; x86 AVX2 layout
  *   for >= 16 values, the double-precision scalar path below 16): bit-exact.
  * SD_RNG_CUDA: torch.randn on CUDA as A1111 imitates it (Philox 4x32-10, Box-Muller, one value
- *   per counter), within a few ulps (CUDA's fast log/sin are not reproducible). */
+ *   per counter), in float32: 80% bit-exact with the golden files, the rest within 4 ulps. */
 typedef enum sd_rng_kind { SD_RNG_CPU, SD_RNG_CUDA } sd_rng_kind;
 /* A generator that keeps its state between draws, as diffusers' generator does. */
 typedef struct sd_rng {
@@ -596,6 +654,91 @@ void sched_add_noise(const sd_scheduler *s, int i, const float *original, const 
 const float *sched_alphas_cumprod(const sd_scheduler *s);
 float sched_sigma(const sd_scheduler *s, int i);
 
+/* ======================================================================================
+ * The pipeline (pipeline.c): txt2img / img2img as one job
+ * ====================================================================================== */
+
+typedef struct sd_job {
+    const char *model_path, *vae_path, *tokenizer_path;   /* checkpoint file or diffusers folder */
+    const char *prompt, *negative;
+    const char *ids_cond_path, *ids_uncond_path;          /* token ids instead of text */
+    int width, height, steps, clip_skip;
+    float cfg;
+    sd_sampler_kind sampler; int karras; const char *sampler_name;
+    uint64_t seed; int seed_given; sd_rng_kind rng; const char *noise_path;
+    const char *init_path; double strength;               /* img2img */
+    const char *ip_path, *ip_embeds_path, *ip_image_path, *image_encoder_path, *image_encoder_config;
+    float ip_scale;
+    sd_precision prec; const char *precision_spec;
+    int threads, quiet;
+    const char *out_png, *latent_out, *image_out;        /* outputs written when set */
+    sd_trace *trace;                                       /* every model's trace, when set */
+    int keep_image; sd_tensor image;                       /* keep_image: the [1,3,H,W] image in [0,1] */
+    int nan_fallback; sd_precision fallback_prec;          /* --nan-fallback SPEC: an image with Inf/NaN is decoded */
+    const char *fallback_spec; int nan_fallback_used;      /*   again under SPEC's VAE policy (used: it happened) */
+    double seconds_text, seconds_unet, seconds_vae;        /* what it took */
+} sd_job;
+/* txt2img/img2img options (everything but --trace) into a job with the defaults filled in. */
+struct sd_args;
+int sd_job_from_args(struct sd_args *a, sd_job *j, int img2img);
+/* The checks once every option is known (--model, a prompt, sizes, ...): 0, or -1 with sd_error. */
+int sd_job_check(const sd_job *j, int img2img);
+/* Run it: 0, or -1 with sd_error. */
+int sd_job_run(sd_job *j);
+/* A whole job as lab.c's sd_shadow_run runs a model (an sd_model_run with arg = sd_job_shadow *):
+ * each call runs a copy of `job` under `prec` into `trace` (filter: every run's trace filter),
+ * keeping its image in image[call] (0 reference, 1 test, 2 test fed the reference); only call
+ * `write_outputs` (-1: none) writes the job's files. spec_ref/spec_test: names for messages. */
+typedef struct sd_job_shadow {
+    const sd_job *job;
+    const char *filter, *spec_ref, *spec_test; int write_outputs;
+    int calls; sd_tensor image[3];
+} sd_job_shadow;
+int sd_job_shadow_run(void *arg, const sd_precision *prec, sd_trace *trace);
+void sd_job_shadow_free(sd_job_shadow *s);
+
+/* ======================================================================================
+ * The precision laboratory (lab.c)
+ * ====================================================================================== */
+
+/* Compare a (tested) with b (reference), element by element. */
+void sd_compare_arrays(const float *a, const float *b, size_t n, sd_cmp_stats *s);
+/* Within tolerance: max|a-b| <= atol + rtol * max|b| (rtol is relative to the tensor's scale, as
+ * the project's "1e-5 x max|golden|"), or every element within `ulps` float32 ulps (ulps >= 0). */
+typedef struct sd_tolerance { double atol, rtol, ulps; } sd_tolerance;
+int sd_compare_within(const sd_cmp_stats *s, const sd_tolerance *t);
+
+/* Image metrics between two RGB images as float [H][W][3] in 0..255. */
+typedef struct sd_image_metrics {
+    double mse, psnr, ssim;
+    double luma_a, luma_b, contrast_a, contrast_b, saturation_a, saturation_b;
+} sd_image_metrics;
+void sd_image_metrics_compute(const float *a, const float *b, int w, int h, sd_image_metrics *m);
+
+/* Shadow runs (DESIGN.md "Every run can be observed"). `run` loads and runs one model under a
+ * precision, recording into `trace` (which it must pass as the context's trace). */
+typedef int (*sd_model_run)(void *arg, const sd_precision *prec, sd_trace *trace);
+typedef struct sd_shadow_layer {
+    const char *name;                  /* trace name, in the reference's execution order */
+    double ref_max_abs, ref_rms;
+    sd_trace_stats test; int has_test; /* the chosen policy's output statistics */
+    sd_cmp_stats carried; int has_carried;  /* error carried to this output from everything before */
+    sd_cmp_stats local; int has_local;      /* error this layer adds, fed the reference input */
+} sd_shadow_layer;
+typedef struct sd_shadow_result {
+    sd_trace ref, test, forced;
+    sd_shadow_layer *layers; int n;
+    double range_max;                  /* the storage format's largest finite value */
+    int first_overflow, first_inf, first_nan, worst_local;   /* layer index or -1 */
+} sd_shadow_result;
+double sd_format_max(sd_format f);
+int sd_shadow_run(sd_model_run run, void *arg, const sd_precision *test, const sd_precision *ref, double range_max,
+                  sd_shadow_result *r);
+void sd_shadow_print(const sd_shadow_result *r, FILE *f);
+/* --overflow-report: {"first_overflow": {"module", "max_abs_ref"}, "first_inf", "first_nan", "layers": [...]} */
+int sd_shadow_write_report(const sd_shadow_result *r, const char *path);
+void sd_shadow_free(sd_shadow_result *r);
+
 /* The command functions (each in the file of its subsystem). */
 int cmd_vae_decode(int argc, char **argv);
 int cmd_vae_encode(int argc, char **argv);
@@ -605,6 +748,11 @@ int cmd_tokenize(int argc, char **argv);
 int cmd_clip_text(int argc, char **argv);
 int cmd_clip_vision(int argc, char **argv);
 int cmd_preprocess(int argc, char **argv);
+int cmd_compare(int argc, char **argv);
+int cmd_txt2img(int argc, char **argv);
+int cmd_img2img(int argc, char **argv);
+int cmd_report(int argc, char **argv);
+int cmd_demo(int argc, char **argv);
 
 /* Command-line helpers (cli.c) */
 typedef struct sd_args { int argc; char **argv; int *used; } sd_args;
@@ -616,5 +764,11 @@ int args_check_all_used(sd_args *a);
 /* Common: --precision SPEC, --threads N. */
 int args_precision(sd_args *a, sd_precision *p);
 int args_threads(sd_args *a, int *threads);
+/* --trace FILE.safetensors [--trace-stats-only] [--trace-filter GLOB]: 1 when tracing (t set up,
+ * *path = FILE), 0 when not asked, -1 on a bad combination. Write with sd_trace_write(t, *path). */
+int args_trace(sd_args *a, sd_trace *t, const char **path);
+/* --shadow SPEC [--overflow-report R.json] and --nan-check: 1 when a shadow run is asked (ref
+ * set), 0 when not, -1 on error. */
+int args_shadow(sd_args *a, sd_precision *ref, const char **report_path, int *nan_check);
 
 #endif /* SDREF_H */

@@ -683,7 +683,7 @@ static int write_png_image(const char *path, const sd_tensor *img) {
 }
 
 /* PNG -> [1,3,H,W] in [-1,1] as diffusers: RGB (alpha dropped, as PIL's convert("RGB")),
- * x / 255 then 2x - 1 in float32 (16-bit files: x / 65535). */
+ * x / 255 then 2x - 1 in float32. 16-bit files: the high byte, as PIL reads 16-bit RGB. */
 static int read_png_image(const char *path, sd_tensor *t) {
     sd_image im;
     if (png_read_file(path, &im) != 0) return -1;
@@ -691,8 +691,8 @@ static int read_png_image(const char *path, sd_tensor *t) {
     size_t HW = (size_t)im.height * im.width;
     for (size_t p = 0; p < HW; p++)
         for (int ch = 0; ch < 3; ch++) {
-            float v = im.depth == 16 ? (float)((const uint16_t *)im.pixels)[p * 4 + ch] / 65535.0f
-                                     : (float)((const uint8_t *)im.pixels)[p * 4 + ch] / 255.0f;
+            int px = im.depth == 16 ? ((const uint16_t *)im.pixels)[p * 4 + ch] >> 8 : ((const uint8_t *)im.pixels)[p * 4 + ch];
+            float v = (float)px / 255.0f;
             t->data[(size_t)ch * HW + p] = 2.0f * v - 1.0f;
         }
     sd_image_free(&im);

@@ -14,11 +14,11 @@ extern const char *test_group;
            fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } \
 } while (0)
 
-/* Path of a file under the shared data folder ($SDREF_SHARED, default ../shared). */
+/* Path of a file under the shared data folder ($SDREF_SHARED, default ../shared); 32 rotating buffers. */
 const char *shared_path(const char *rel);
 /* A fresh temporary directory for this run (created once, removed at exit). */
 const char *test_tmpdir(void);
-/* Path of a file inside test_tmpdir(). */
+/* Path of a file inside test_tmpdir() (one of 32 rotating buffers: copy it to keep it). */
 const char *tmp_path(const char *name);
 /* 1 when the shared data folder exists (golden tests are skipped with a note otherwise). */
 int have_shared(void);

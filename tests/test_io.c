@@ -1,6 +1,7 @@
 /* tests/test_io.c — safetensors, .npy and JSON: round trips, the golden files, exact number
  * parsing, and a corpus of malformed files generated here, each of which must fail cleanly with
- * one line naming the file and the problem. */
+ * one line naming the file and the problem. (tmp_path() returns one of 8 rotating buffers, so
+ * paths used across many calls are copied first.) */
 #include "test.h"
 #include <stdlib.h>
 #include <string.h>
@@ -253,7 +254,8 @@ static void test_json_golden(void) {
 /* ---- safetensors -------------------------------------------------------------------------- */
 
 static void test_st_roundtrip(void) {
-    const char *path = tmp_path("rt.safetensors");
+    char path[4096];
+    snprintf(path, sizeof path, "%s", tmp_path("rt.safetensors"));
     st_writer w;
     st_writer_init(&w);
     /* every dtype, raw little-endian bytes with known values */
@@ -351,7 +353,8 @@ static void test_st_roundtrip(void) {
     CHECK(st_dtype_size(ST_BF16) == 2 && strcmp(st_dtype_name(ST_F8_E4M3), "F8_E4M3") == 0, "dtype tables");
 
     /* writer errors: bad metadata and duplicate names fail without leaving a file */
-    const char *p2 = tmp_path("bad_meta.safetensors");
+    char p2[4096];
+    snprintf(p2, sizeof p2, "%s", tmp_path("bad_meta.safetensors"));
     st_writer_set_metadata(&w, "{\"a\": 1}");
     sd_clear_error();
     CHECK(st_writer_write(&w, p2) == -1 && strstr(sd_last_error(), p2) && strstr(sd_last_error(), "metadata"),
@@ -428,7 +431,9 @@ static void test_st_golden(void) {
 
 static void test_st_malformed(void) {
     /* a valid base file, then every truncation of it */
-    const char *base = tmp_path("base.safetensors");
+    char base[4096], tp[4096];
+    snprintf(base, sizeof base, "%s", tmp_path("base.safetensors"));
+    snprintf(tp, sizeof tp, "%s", tmp_path("trunc.safetensors"));
     st_writer w;
     st_writer_init(&w);
     float d[6] = { 1, 2, 3, 4, 5, 6 };
@@ -443,7 +448,6 @@ static void test_st_malformed(void) {
     size_t len;
     if (sd_read_file(base, &file, &len)) return;
     uint64_t hl = sd_le64(file);
-    const char *tp = tmp_path("trunc.safetensors");
     int fails = 0;
     for (size_t n = 0; n < len; n++) {
         write_bytes(tp, file, n);
@@ -523,7 +527,8 @@ static void test_st_malformed(void) {
         expect_fail(st_try(p), p, cases[i].want, label);
     }
     /* files that are fine: gaps between tensors, empty header object, spaces after the JSON */
-    const char *ok = tmp_path("ok.safetensors");
+    char ok[4096];
+    snprintf(ok, sizeof ok, "%s", tmp_path("ok.safetensors"));
     write_st(ok, "{\"a\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[4,6]},\"b\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[6,6]}}   ", 8);
     CHECK(st_try(ok) == 0, "gaps and trailing spaces accepted: %s", sd_last_error());
     write_st(ok, "{}", 0);

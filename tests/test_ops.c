@@ -480,3 +480,66 @@ void test_ops(void) {
     test_acc16();
     sd_set_threads(0);
 }
+
+/* ---- checksum of every operation on fixed inputs under every preset -------------------
+ * `tests/run --checksum` prints one hash; CI builds with gcc and clang, -O0 and -O2, with and
+ * without OpenMP, and requires the same line from all of them. */
+
+static uint64_t fnv(uint64_t h, const sd_tensor *t) {
+    for (size_t i = 0; i < tensor_numel(t); i++) {
+        uint32_t u = sd_f32_bits(t->data[i]);
+        for (int b = 0; b < 4; b++) h = (h ^ ((u >> (8 * b)) & 0xff)) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+uint64_t ops_checksum(void) {
+    const char *presets[] = { "fp32", "fp16", "bf16", "tf32", "fp16-acc16", "fp8" };
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t p = 0; p < sizeof presets / sizeof presets[0]; p++) {
+        rng_state = 0x9E3779B97F4A7C15ull + p;
+        sd_ctx c = make_ctx(presets[p]);
+        sd_tensor x = rand_tensor(&c, 4, 2, 6, 19, 23, 2.0f);
+        int ws[4] = { 8, 6, 3, 3 }, bs[1] = { 8 }, pad[4] = { 1, 1, 0, 1 }, cs[1] = { 6 }, ls[2] = { 12, 23 };
+        float *v1, *v2, *v3, *v4, *v5, *v6;
+        sd_param w = rand_param(&c, 4, ws, 0.5f, &v1), b = rand_param(&c, 1, bs, 0.5f, &v2);
+        sd_param g = rand_param(&c, 1, cs, 1.0f, &v3), be = rand_param(&c, 1, cs, 1.0f, &v4);
+        sd_param lw = rand_param(&c, 2, ls, 0.5f, &v5), lb = rand_param(&c, 1, ls, 0.5f, &v6);
+        sd_tensor outs[12];
+        outs[0] = op_conv2d(&c, &x, &w, &b, 2, pad);
+        outs[1] = op_group_norm(&c, &x, 3, 1e-5f, &g, &be);
+        outs[2] = op_silu(&c, &x);
+        outs[3] = op_gelu(&c, &x);
+        outs[4] = op_quick_gelu(&c, &x);
+        outs[5] = op_linear(&c, &x, &lw, &lb);
+        outs[6] = op_layer_norm(&c, &x, 1e-5f, NULL, NULL);
+        sd_tensor t = op_nchw_to_tokens(&x);
+        outs[7] = op_attention(&c, &t, &t, &t, 2, 0.5f, 0);
+        outs[8] = op_attention(&c, &t, &t, &t, 3, 0.3f, 1);
+        outs[9] = op_upsample_nearest2x(&c, &x);
+        outs[10] = op_add(&c, &x, &outs[2]);
+        outs[11] = op_gelu_tanh(&c, &x);
+        for (int i = 0; i < 12; i++) {
+            h = fnv(h, &outs[i]);
+            tensor_free(&outs[i]);
+        }
+        tensor_free(&t);
+        tensor_free(&x);
+        param_free(&w); param_free(&b); param_free(&g); param_free(&be); param_free(&lw); param_free(&lb);
+        free(v1); free(v2); free(v3); free(v4); free(v5); free(v6);
+    }
+    /* the math functions over a fixed spread of arguments */
+    sd_tensor m = tensor_new(1, 6 * 4096, 1, 1, 1);
+    for (int i = 0; i < 4096; i++) {
+        float a = (float)(i - 2048) / 97.0f;
+        m.data[i] = sd_expf(a);
+        m.data[4096 + i] = sd_logf(fabsf(a) + 1e-3f);
+        m.data[2 * 4096 + i] = sd_erff(a);
+        m.data[3 * 4096 + i] = sd_tanhf(a);
+        m.data[4 * 4096 + i] = sd_sinf(a * 1000.0f);
+        m.data[5 * 4096 + i] = sd_cosf(a * 1000.0f);
+    }
+    h = fnv(h, &m);
+    tensor_free(&m);
+    return h;
+}

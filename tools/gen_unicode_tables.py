@@ -89,6 +89,11 @@ emit()
 # ---- character classes of the pre-tokenizer regex (python-regex) and of Python's str / re ----
 emit_ranges("uni_letter", ranges_of(lambda c: regex.match(r"\p{L}", chr(c)) is not None), "regex \\p{L}")
 emit_ranges("uni_number", ranges_of(lambda c: regex.match(r"\p{N}", chr(c)) is not None), "regex \\p{N}")
+emit_ranges("uni_unmatched_ignorecase",
+            ranges_of(lambda c: regex.match(r"[^\s\p{L}\p{N}]", chr(c)) is not None and
+                      regex.match(r"[^\s\p{L}\p{N}]", chr(c), regex.IGNORECASE) is None),
+            "not matched by [^\\s\\p{L}\\p{N}] under IGNORECASE though neither space, letter nor number "
+            "(a case variant is a letter): the pre-tokenizer skips them")
 emit_ranges("uni_space_regex", ranges_of(lambda c: regex.match(r"\s", chr(c)) is not None), "regex \\s")
 emit_ranges("uni_space_py", ranges_of(lambda c: chr(c).isspace()), "str.isspace, re \\s (str.strip)")
 emit_ranges("uni_word_re", ranges_of(lambda c: re.match(r"\w", chr(c)) is not None), "re \\w")
@@ -180,6 +185,9 @@ for i in range(0, len(decomp), 5):
 emit("};")
 composing = set(c for _, _, c in comp)
 excluded = [c for c, _, second in decomp if second and c not in composing]
+seconds = set(b for _, b, _ in comp)
+emit_ranges("uni_comp_second", ranges_of(lambda c: c in seconds),
+            "code points that are the second of some primary composite")
 emit("/* two-part decompositions that NFC does not recompose (composition exclusions, non-starters) */")
 emit("static const uint32_t uni_comp_excluded[] = {")
 for i in range(0, len(excluded), 10):
