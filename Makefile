@@ -6,13 +6,13 @@
 #   make fuzz       build the libFuzzer targets (clang)
 #   make bench      measure speed and memory
 CC      ?= cc
-CFLAGS  ?= -O2
+CFLAGS  ?= -O3
 OPENMP  ?= -fopenmp
 STD      = -std=c99 -Wall -Wextra -Wpedantic -Werror -ffp-contract=off
 LDLIBS   = -lm
 
 SRC  = fp16.c ref.c io.c cli.c png.c tokenizer.c clip.c unet.c vae.c ipadapter.c sampler.c pipeline.c lab.c demo.c report.c
-HDR  = sdref.h
+HDR  = sdref.h unicode_tables.h
 TESTS = $(wildcard tests/test_*.c)
 
 all: sdref
@@ -40,7 +40,7 @@ fuzz: $(FUZZ_TARGETS)
 fuzz/fuzz_%: fuzz/fuzz_%.c $(SRC) $(HDR)
 	clang -g -O1 -std=c99 -ffp-contract=off -fsanitize=fuzzer,address,undefined -I. $(SRC) $< -o $@ -lm
 
-bench: sdref tests/bench.sh
+bench: sdref tests/bench.sh tests/bench.c
 	sh tests/bench.sh
 
 clean:

@@ -86,10 +86,9 @@ static int cfg_open(const char *path, int vision, int strict, sd_json *root, con
     const char *other = vision ? "clip_text_model" : "clip_vision_model";
     if (sub && sub->type == JSON_OBJECT) *obj = sub;
     else if (!strcmp(mt, other) || (!strict && strcmp(mt, want) != 0)) {
+        if (strict) sd_error("%s: model_type '%s' is not a CLIP %s encoder config", path, mt, vision ? "vision" : "text");
         json_free(root);
-        if (!strict) return 1;
-        sd_error("%s: model_type '%s' is not a CLIP %s encoder config", path, mt, vision ? "vision" : "text");
-        return -1;
+        return strict ? -1 : 1;
     } else *obj = root;
     return 0;
 }

@@ -53,7 +53,7 @@ static void put(wgen *g, const char *name, int ndim, int d0, int d1, int d2, int
 }
 
 static void put_conv(wgen *g, const char *name, int cout, int cin, int k, double gain) {
-    char b[256];
+    char b[320];
     snprintf(b, sizeof b, "%s.weight", name);
     put(g, b, 4, cout, cin, k, k, 0, gain / sqrt((double)cin * k * k));
     snprintf(b, sizeof b, "%s.bias", name);
@@ -61,7 +61,7 @@ static void put_conv(wgen *g, const char *name, int cout, int cin, int k, double
 }
 
 static void put_linear(wgen *g, const char *name, int out, int in, int bias) {
-    char b[256];
+    char b[320];
     snprintf(b, sizeof b, "%s.weight", name);
     put(g, b, 2, out, in, 1, 1, 0, 1.0 / sqrt((double)in));
     if (!bias) return;
@@ -70,7 +70,7 @@ static void put_linear(wgen *g, const char *name, int out, int in, int bias) {
 }
 
 static void put_norm(wgen *g, const char *name, int ch) {
-    char b[256];
+    char b[320];
     snprintf(b, sizeof b, "%s.weight", name);
     put(g, b, 1, ch, 1, 1, 1, 1.0, 0.1);
     snprintf(b, sizeof b, "%s.bias", name);

@@ -66,7 +66,9 @@ int sd_format_parse(const char *s, sd_format *out) {
  * Normal range: round-to-nearest-even at the format's last mantissa bit by integer addition
  * (a carry out of the mantissa correctly bumps the exponent). Subnormal range: adding a power
  * of two C whose ulp is the format's subnormal spacing makes the float32 adder do the rounding
- * (the sum stays in C's binade), and subtracting C again is exact. Both are computed and one
+ * (the sum stays in C's binade; it is stored in a float variable so that it is rounded even
+ * where float expressions are evaluated in a wider format), and subtracting C again is exact.
+ * Both are computed and one
  * is selected with a mask, so the loops in sd_round_buffer have no branches and vectorise. */
 
 /* c ? a : b for c in {0, 1}, without a branch. */
@@ -78,7 +80,8 @@ static inline uint32_t select_u32(uint32_t c, uint32_t a, uint32_t b) {
 static inline uint32_t round_abs_f16(uint32_t a) {
     uint32_t n = (a + 0xfffu + ((a >> 13) & 1u)) & ~0x1fffu;         /* 10 mantissa bits */
     n = select_u32(n >= 0x47800000u, 0x7f800000u, n);                /* rounds to >= 2^16: Inf */
-    uint32_t s = f32_bits((f32_of(a) + 0x1p-1f) - 0x1p-1f);          /* |x| < 2^-14: spacing 2^-24 */
+    float t = f32_of(a) + 0x1p-1f;                                   /* |x| < 2^-14: spacing 2^-24 */
+    uint32_t s = f32_bits(t - 0x1p-1f);
     uint32_t r = select_u32(a < 0x38800000u, s, n);
     return select_u32(a > 0x7f800000u, F32_QNAN, r);
 }
@@ -97,7 +100,8 @@ static inline uint32_t round_abs_tf32(uint32_t a) {
 static inline uint32_t round_abs_e4m3(uint32_t a) {
     uint32_t n = (a + 0x7ffffu + ((a >> 20) & 1u)) & ~0xfffffu;      /* 3 mantissa bits */
     n = select_u32(n > 0x43e00000u, F32_QNAN, n);                    /* above 448 (i.e. > 464): NaN */
-    uint32_t s = f32_bits((f32_of(a) + 0x1p14f) - 0x1p14f);          /* |x| < 2^-6: spacing 2^-9 */
+    float t = f32_of(a) + 0x1p14f;                                   /* |x| < 2^-6: spacing 2^-9 */
+    uint32_t s = f32_bits(t - 0x1p14f);
     uint32_t r = select_u32(a < 0x3c800000u, s, n);
     return select_u32(a >= 0x7f800000u, F32_QNAN, r);                /* Inf and NaN: NaN */
 }
@@ -105,7 +109,8 @@ static inline uint32_t round_abs_e4m3(uint32_t a) {
 static inline uint32_t round_abs_e5m2(uint32_t a) {
     uint32_t n = (a + 0xfffffu + ((a >> 21) & 1u)) & ~0x1fffffu;     /* 2 mantissa bits */
     n = select_u32(n >= 0x47800000u, 0x7f800000u, n);                /* rounds to >= 2^16: Inf */
-    uint32_t s = f32_bits((f32_of(a) + 0x1p7f) - 0x1p7f);            /* |x| < 2^-14: spacing 2^-16 */
+    float t = f32_of(a) + 0x1p7f;                                    /* |x| < 2^-14: spacing 2^-16 */
+    uint32_t s = f32_bits(t - 0x1p7f);
     uint32_t r = select_u32(a < 0x38800000u, s, n);
     return select_u32(a > 0x7f800000u, F32_QNAN, r);
 }

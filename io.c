@@ -480,11 +480,11 @@ static int json_string(json_parser *p, char **out, size_t *out_len) {
             if (k && e) { sbuf_putc(&b, value[k - simple]); p->pos++; continue; }
             if (e != 'u') { free(b.s); return json_fail(p, "invalid escape"); }
             p->pos++;
-            unsigned cp;
+            unsigned cp = 0;
             if (json_hex4(p, &cp)) { free(b.s); return -1; }
             if (cp >= 0xDC00 && cp <= 0xDFFF) { free(b.s); return json_fail(p, "lone low surrogate \\u%04x", cp); }
             if (cp >= 0xD800 && cp <= 0xDBFF) {
-                unsigned lo;
+                unsigned lo = 0;
                 if (p->pos + 1 >= p->len || p->s[p->pos] != '\\' || p->s[p->pos + 1] != 'u') {
                     free(b.s);
                     return json_fail(p, "lone high surrogate \\u%04x", cp);
@@ -799,7 +799,7 @@ static int st_parse_entry(const char *path, const char *name, const sd_json *v, 
         return -1;
     }
     e->ndim = shape->n;
-    uint64_t numel = 1, nbytes;
+    uint64_t numel = 1, nbytes = 0;
     int absurd = 0;
     for (int i = 0; i < shape->n; i++) {
         uint64_t dim;

@@ -24,10 +24,13 @@ void sd_set_threads(int n) {
 #endif
 }
 
-void sd_parallel_for(int64_t n, sd_range_fn fn, void *arg) {
+/* Below this much work (roughly multiply-adds) a parallel region costs more than it saves. */
+#define PARALLEL_MIN_WORK 32768.0
+
+void sd_parallel_for_work(int64_t n, double work_per_item, sd_range_fn fn, void *arg) {
     if (n <= 0) return;
 #ifdef _OPENMP
-    if (n > 1 && !omp_in_parallel()) {
+    if (n > 1 && (double)n * work_per_item >= PARALLEL_MIN_WORK && !omp_in_parallel()) {
         _Pragma("omp parallel")
         {
             int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -39,6 +42,8 @@ void sd_parallel_for(int64_t n, sd_range_fn fn, void *arg) {
 #endif
     fn(arg, 0, n);
 }
+
+void sd_parallel_for(int64_t n, sd_range_fn fn, void *arg) { sd_parallel_for_work(n, PARALLEL_MIN_WORK, fn, arg); }
 
 /* ======================================================================================
  * Tensors and parameters
@@ -364,7 +369,7 @@ sd_tensor op_conv2d(const sd_ctx *c, const sd_tensor *x, const sd_param *w, cons
     j.bias = bias;
     j.out = out.data;
     j.n_blocks_per_image = (j.oh * j.ow + CONV_NB - 1) / CONV_NB;
-    sd_parallel_for((int64_t)x->shape[0] * j.n_blocks_per_image, conv_range, &j);
+    sd_parallel_for_work((int64_t)x->shape[0] * j.n_blocks_per_image, (double)j.cout * j.cin * j.kh * j.kw * CONV_NB, conv_range, &j);
     free(j.wt);
     free(bias);
     return out;
@@ -408,7 +413,7 @@ sd_tensor op_linear(const sd_ctx *c, const sd_tensor *x, const sd_param *w, cons
     round_mm_inputs(c, wt, (size_t)K * M);
     float *bias = b && b->data ? param_to_f32(b) : NULL;
     lin_job j = { c, x->data, wt, bias, y.data, R, K, M };
-    sd_parallel_for((R + LIN_RB - 1) / LIN_RB, linear_range, &j);
+    sd_parallel_for_work((R + LIN_RB - 1) / LIN_RB, (double)LIN_RB * K * M, linear_range, &j);
     free(wt);
     free(bias);
     return y;
@@ -468,7 +473,7 @@ sd_tensor op_group_norm(const sd_ctx *c, const sd_tensor *x, int groups, float e
     y.data = sd_malloc(tensor_numel(x) * sizeof(float));
     float *g = gamma && gamma->data ? param_to_f32(gamma) : NULL, *b = beta && beta->data ? param_to_f32(beta) : NULL;
     gn_job j = { c, x, y.data, g, b, C, groups, tensor_numel(x) / ((size_t)x->shape[0] * C), eps };
-    sd_parallel_for((int64_t)x->shape[0] * groups, group_norm_range, &j);
+    sd_parallel_for_work((int64_t)x->shape[0] * groups, 3.0 * (double)(C / groups) * j.HW, group_norm_range, &j);
     free(g);
     free(b);
     return y;
@@ -495,7 +500,7 @@ sd_tensor op_layer_norm(const sd_ctx *c, const sd_tensor *x, float eps, const sd
     y.data = sd_malloc(tensor_numel(x) * sizeof(float));
     float *g = gamma && gamma->data ? param_to_f32(gamma) : NULL, *b = beta && beta->data ? param_to_f32(beta) : NULL;
     ln_job j = { c, x->data, y.data, g, b, D, eps };
-    sd_parallel_for((int64_t)(tensor_numel(x) / (size_t)D), layer_norm_range, &j);
+    sd_parallel_for_work((int64_t)(tensor_numel(x) / (size_t)D), 3.0 * D, layer_norm_range, &j);
     free(g);
     free(b);
     return y;
@@ -534,7 +539,7 @@ static sd_tensor unary(const sd_ctx *c, const sd_tensor *x, unary_kind kind, flo
     size_t n = tensor_numel(x);
     y.data = sd_malloc(n * sizeof(float));
     unary_job j = { c, x->data, y.data, kind, s };
-    sd_parallel_for((int64_t)n, unary_range, &j);
+    sd_parallel_for_work((int64_t)n, 8.0, unary_range, &j);
     return y;
 }
 
@@ -560,7 +565,7 @@ static sd_tensor binary(const sd_ctx *c, const sd_tensor *a, const sd_tensor *b,
     size_t n = tensor_numel(a);
     y.data = sd_malloc(n * sizeof(float));
     binary_job j = { c, a->data, b->data, y.data, mul, inner, 0 };
-    sd_parallel_for((int64_t)n, binary_range, &j);
+    sd_parallel_for_work((int64_t)n, 1.0, binary_range, &j);
     return y;
 }
 
@@ -670,7 +675,7 @@ sd_tensor op_attention(const sd_ctx *c, const sd_tensor *q, const sd_tensor *k, 
     sd_tensor o = tensor_new(3, j.B, j.Tq, HD, 1);
     j.o = o.data;
     j.qblocks = (j.Tq + ATT_QB - 1) / ATT_QB;
-    sd_parallel_for((int64_t)j.B * heads * j.qblocks, attention_range, &j);
+    sd_parallel_for_work((int64_t)j.B * heads * j.qblocks, (double)ATT_QB * j.Tk * (2.0 * j.D + 8), attention_range, &j);
     free(j.kt);
     if (c->pol.tf32_inputs) tensor_free(&vr);
     return o;
@@ -1046,7 +1051,7 @@ int loader_param_opt(sd_loader *l, sd_param *out, const char *name, int ndim, co
  * ====================================================================================== */
 
 static int load_conv(sd_loader *l, sd_param *w, sd_param *b, const char *prefix, const char *name, int cout, int cin, int k) {
-    char buf[256];
+    char buf[320];
     int ws[4] = { cout, cin, k, k }, bs[1] = { cout };
     snprintf(buf, sizeof buf, "%s.%s.weight", prefix, name);
     if (loader_param(l, w, buf, 4, ws)) return -1;
@@ -1055,7 +1060,7 @@ static int load_conv(sd_loader *l, sd_param *w, sd_param *b, const char *prefix,
 }
 
 int load_linear(sd_loader *l, sd_param *w, sd_param *b, const char *prefix, int out, int in, int bias) {
-    char buf[256];
+    char buf[320];
     int ws[2] = { out, in }, bs[1] = { out };
     snprintf(buf, sizeof buf, "%s.weight", prefix);
     if (loader_param(l, w, buf, 2, ws)) return -1;
@@ -1066,7 +1071,7 @@ int load_linear(sd_loader *l, sd_param *w, sd_param *b, const char *prefix, int 
 }
 
 int load_norm(sd_loader *l, sd_param *w, sd_param *b, const char *prefix, int ch) {
-    char buf[256];
+    char buf[320];
     int s[1] = { ch };
     snprintf(buf, sizeof buf, "%s.weight", prefix);
     if (loader_param(l, w, buf, 1, s)) return -1;

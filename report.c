@@ -158,7 +158,7 @@ typedef struct report {
     const char *spec_a, *spec_b;
     sd_precision prec_b;
     const sd_shadow_result *r;
-    const char *filter_note;
+    const char *filter; int filter_given;  /* the trace filter of the runs (NULL: every layer), --layers given */
     int first_overflow;                   /* against each layer's own format (not r->first_overflow) */
     int worst_local;                      /* the layer adding the most error by itself, Inf/NaN first */
     int w, h;
@@ -245,7 +245,7 @@ static void head(report *p) {
         html_text(f, j->prompt);
         fputs("&rdquo;", f);
     }
-    fprintf(f, ", %dx%d, %d steps of %s, cfg %g, ", p->w, p->h, j->steps, j->sampler_name, j->cfg);
+    fprintf(f, ", %dx%d, %d step%s of %s, cfg %g, ", p->w, p->h, j->steps, j->steps == 1 ? "" : "s", j->sampler_name, j->cfg);
     if (j->noise_path) {
         fputs("noise from <code>", f);
         html_text(f, j->noise_path);
@@ -465,7 +465,8 @@ static void chart_marker(FILE *f, int i, int n, const char *colour, const char *
     double x = cx(i, n);
     fprintf(f, "<line x1=%.1f x2=%.1f y1=%d y2=%d stroke=\"%s\" stroke-width=1.5 stroke-dasharray=\"4 3\" />", x, x, MT,
             CH - MB, colour);
-    fprintf(f, "<text x=%.1f y=%d style=\"fill:%s;font-weight:600\" text-anchor=%s>%s</text>", x + (x > CW / 2 ? -4 : 4),
+    fprintf(f, "<text x=%.1f y=%d style=\"fill:%s;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px\" "
+               "text-anchor=%s>%s</text>", x + (x > CW / 2 ? -4 : 4),
             MT + 14 + 13 * row, colour, x > CW / 2 ? "end" : "start", text);
 }
 
@@ -636,15 +637,18 @@ static void table_worst(report *p) {
     FILE *f = p->f;
     const sd_shadow_result *r = p->r;
     double *rows = sd_malloc((size_t)(r->n + 1) * 2 * sizeof(double));   /* (local rel, index) */
-    int k = 0;
+    int k = 0, blown = 0;
     for (int i = 0; i < r->n; i++)
         if (r->layers[i].has_local) {
             double v = rel_err(&r->layers[i].local, 1, r->layers[i].ref_rms);
-            rows[2 * k] = v == v ? v : INFINITY;
+            if (isinf(v)) { blown++; continue; }           /* those are in the overflow table */
+            rows[2 * k] = v;
             rows[2 * k + 1] = i;
             k++;
         }
     qsort(rows, (size_t)k, 2 * sizeof(double), cmp_desc);
+    if (blown) fprintf(f, "<p class=dim>%d layers yield Inf or NaN by themselves, fed the reference input (see Overflow); "
+                          "of the others:</p>\n", blown);
     fputs("<table><tr><th>layer</th><th>local error / RMS</th><th>carried error / RMS</th><th>max |x| (reference)</th></tr>\n", f);
     for (int t = 0; t < k && t < 8; t++) {
         const sd_shadow_layer *L = &r->layers[(int)rows[2 * t + 1]];
@@ -662,7 +666,7 @@ static void table_worst(report *p) {
     free(rows);
 }
 
-static void section_images(report *p, const char *tmp) {
+static int section_images(report *p, const char *tmp) {
     FILE *f = p->f;
     uint8_t *heat = heat_map(p->rgb_a, p->rgb_b, p->w, p->h, &p->max_diff);
     const uint8_t *imgs[3] = { p->rgb_a, p->rgb_b, heat };
@@ -670,7 +674,7 @@ static void section_images(report *p, const char *tmp) {
     fputs("<section><h2>The two pictures</h2><div class=imgs>\n", f);
     for (int k = 0; k < 3; k++) {
         char *uri = png_data_uri(tmp, p->w, p->h, imgs[k]);
-        if (!uri) { sd_clear_error(); continue; }
+        if (!uri) { free(heat); return -1; }
         fprintf(f, "<figure><img alt=\"%s\" width=%d height=%d src=\"%s\"><figcaption>", k == 2 ? "difference" : "image", shown,
                 shown * p->h / p->w, uri);
         free(uri);
@@ -688,13 +692,14 @@ static void section_images(report *p, const char *tmp) {
     }
     fputs("</div></section>\n", f);
     free(heat);
+    return 0;
 }
 
-static void write_page(report *p, const char *tmp) {
+static int write_page(report *p, const char *tmp) {
     FILE *f = p->f;
     const sd_shadow_result *r = p->r;
     head(p);
-    section_images(p, tmp);
+    if (section_images(p, tmp)) return -1;
     fputs("<section><h2>What it means</h2>\n", f);
     finding_overflow(p);
     finding_picture(p);
@@ -707,7 +712,13 @@ static void write_page(report *p, const char *tmp) {
     fputs("</section>\n<section><h2>Error per layer</h2>\n<p class=dim>Each traced layer's output under ", f);
     html_text(f, p->spec_b);
     fputs(" compared with the reference run: RMS of the difference over the RMS of the reference output. ", f);
-    html_text(f, p->filter_note);
+    if (!p->filter) fputs("Every traced layer of the job is shown.", f);
+    else {
+        fputs("Only layers matching <code>", f);
+        html_text(f, p->filter);
+        fputs(p->filter_given ? "</code> are traced (--layers)." : "</code> are traced: at this size the reference run would "
+              "have to keep every tensor of every step (--layers GLOB chooses others).", f);
+    }
     fputs("</p>\n", f);
     if (r->n) {
         chart_errors(p);
@@ -736,6 +747,7 @@ static void write_page(report *p, const char *tmp) {
     fprintf(f, "<footer>Written by sdref %s (<code>sdref report</code>). Reduced-precision results also depend on the order "
                "of summation: two fp16 implementations differ from each other by about as much as fp16 differs from fp32. "
                "sdref's own bits are fixed by its source, on every platform.</footer>\n</main></body></html>\n", SDREF_VERSION);
+    return 0;
 }
 
 /* ======================================================================================
@@ -769,13 +781,9 @@ int cmd_report(int argc, char **argv) {
     if (sd_precision_parse(spec_b, &p.prec_b)) goto out;
     /* every layer at small sizes; at real sizes the VAE only: the reference run keeps every traced tensor */
     const char *filter = layers;
-    char note[256];
     if (!filter && (long)j.width * j.height > 128 * 128) filter = "vae.*";
-    if (!filter) snprintf(note, sizeof note, "Every traced layer of the job is shown.");
-    else snprintf(note, sizeof note, "Only layers matching <code>%s</code> are traced%s.", filter,
-                  layers ? " (--layers)" : " (at this size the reference run would have to keep every tensor of every "
-                           "step; --layers GLOB chooses others)");
-    p.filter_note = note;
+    p.filter = filter;
+    p.filter_given = layers != NULL;
 
     sd_job_shadow s;
     memset(&s, 0, sizeof s);
@@ -820,8 +828,8 @@ int cmd_report(int argc, char **argv) {
         rc = 1;
         if (sd_out_open(&o, html) == 0) {
             p.f = o.f;
-            write_page(&p, tmp);
-            rc = sd_out_commit(&o) ? 1 : 0;
+            if (write_page(&p, tmp)) sd_out_abort(&o);
+            else rc = sd_out_commit(&o) ? 1 : 0;
         }
         free(tmp);
         free(p.rgb_a);

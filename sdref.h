@@ -325,6 +325,8 @@ void sd_set_threads(int n);
  * make each item's result independent of the split, so bits never depend on thread count. */
 typedef void (*sd_range_fn)(void *arg, int64_t begin, int64_t end);
 void sd_parallel_for(int64_t n, sd_range_fn fn, void *arg);
+/* The same, run serially when n * work_per_item (about multiply-adds) is too little to share. */
+void sd_parallel_for_work(int64_t n, double work_per_item, sd_range_fn fn, void *arg);
 /* C[m][n] = sum over k ascending of A[m][k] * B[k][n] in float32 (+= when accumulate). The
  * order of every sum is fixed: bits independent of blocking, threads and platform. */
 void sd_gemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc);

@@ -1066,21 +1066,6 @@ static void repeat_batch(sd_tensor *t, int N) {
     replace(t, y);
 }
 
-/* The encoder's input size: image_size from its config (224 when absent). */
-static int encoder_image_size(const char *encoder, const char *config) {
-    char *p = config ? sd_strdup(config) : join_path(encoder, "config.json");
-    int size = 224;
-    sd_json j;
-    if (file_exists(p) && json_parse_file(p, &j) == 0) {
-        const sd_json *vc = json_get(&j, "vision_config");    /* a full CLIPConfig nests it */
-        size = json_int(vc ? vc : &j, "image_size", 224);
-        json_free(&j);
-    }
-    sd_clear_error();
-    free(p);
-    return size;
-}
-
 /* The IP-Adapter's input options. */
 typedef struct ip_opts { const char *embeds, *hidden, *image, *encoder, *encoder_cfg; } ip_opts;
 
@@ -1110,12 +1095,12 @@ static int ip_input(const ip_opts *o, const sd_precision *prec, const sd_ipadapt
     }
     sd_image im;
     sd_tensor px = { 0, { 0, 0, 0, 0 }, NULL }, pen = px;
-    if (png_read_file(o->image, &im) != 0) return -1;
-    int rc = clip_preprocess(&im, encoder_image_size(o->encoder, o->encoder_cfg), &px, NULL);
-    sd_image_free(&im);
-    if (rc != 0) return -1;
     sd_clip_vision *m = clip_vision_load(o->encoder, o->encoder_cfg, &prec->model[SD_VISION]);
-    if (!m) { tensor_free(&px); return -1; }
+    if (!m) return -1;
+    if (png_read_file(o->image, &im) != 0) { clip_vision_free(m); return -1; }
+    int rc = clip_preprocess(&im, clip_vision_image_size(m), &px, NULL);
+    sd_image_free(&im);
+    if (rc != 0) { clip_vision_free(m); return -1; }
     sd_ctx vc = *base;
     vc.pol = prec->model[SD_VISION];
     vc.prefix = "image_encoder";
@@ -1213,9 +1198,9 @@ int cmd_unet(int argc, char **argv) {
     sd_unet_ip ip = { ad, tokens.data ? &tokens : NULL, ip_scale };
     if (unet_check(u, &sample, &context, &ip) != 0) goto done;
     out = unet_forward(u, &c, &sample, timesteps, &context, &ip);
-    rc = npy_write_tensor(out_path, &out);
+    rc = trace_path ? sd_trace_write(&trace, trace_path) : 0;   /* the main output last: none unless all succeed */
     if (rc == 0 && tokens_out) rc = npy_write_tensor(tokens_out, &tokens);
-    if (rc == 0 && trace_path) rc = sd_trace_write(&trace, trace_path);
+    if (rc == 0) rc = npy_write_tensor(out_path, &out);
 done:
     sd_trace_free(&trace);
     tensor_free(&sample);

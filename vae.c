@@ -299,7 +299,7 @@ struct sd_vae {
 };
 
 static int load_conv(sd_loader *l, sd_param *w, sd_param *b, const char *name, int cout, int cin, int k) {
-    char buf[256];
+    char buf[320];
     int ws[4] = { cout, cin, k, k }, bs[1] = { cout };
     snprintf(buf, sizeof buf, "%s.weight", name);
     if (loader_param(l, w, buf, 4, ws)) return -1;
@@ -454,10 +454,18 @@ sd_vae *vae_load(const char *path, const char *config_path, const sd_policy *pol
     if (loader_open(&l, file, li.layout == LAYOUT_LDM ? rename_ldm : rename_diffusers, &li, pol) != 0) goto fail;
     const vae_config *c = &v->cfg;
     int L2 = 2 * c->latent_channels;
-    if (load_encoder(&l, &v->enc, c) || load_decoder(&l, &v->dec, c)) goto fail;
-    if (c->use_quant_conv && load_conv(&l, &v->quant_w, &v->quant_b, "quant_conv", L2, L2, 1)) goto fail;
-    if (c->use_post_quant_conv &&
-        load_conv(&l, &v->post_w, &v->post_b, "post_quant_conv", c->latent_channels, c->latent_channels, 1)) goto fail;
+    if (load_encoder(&l, &v->enc, c) || load_decoder(&l, &v->dec, c) ||
+        (c->use_quant_conv && load_conv(&l, &v->quant_w, &v->quant_b, "quant_conv", L2, L2, 1)) ||
+        (c->use_post_quant_conv &&
+         load_conv(&l, &v->post_w, &v->post_b, "post_quant_conv", c->latent_channels, c->latent_channels, 1))) {
+        if (!config) {                                       /* say which config the shapes were checked against */
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s", sd_last_error());
+            sd_clear_error();
+            sd_error("%s (no config given: SD1.5's VAE assumed; pass --config)", msg);
+        }
+        goto fail;
+    }
     loader_close(&l);
     free(file);
     free(config);

@@ -672,6 +672,66 @@ static void test_vision_real_size(void) {
     remove(vf);
 }
 
+/* Copy a file (for folder layouts made in tmp). */
+static int copy_file(const char *from, const char *to) {
+    uint8_t *d;
+    size_t n;
+    if (sd_read_file(from, &d, &n)) return -1;
+    FILE *f = fopen(to, "wb");
+    int ok = f && fwrite(d, 1, n, f) == n;
+    if (f) ok &= fclose(f) == 0;
+    free(d);
+    return ok ? 0 : -1;
+}
+
+/* A diffusers/h94-style folder (model.safetensors + config.json) and a file with its sibling
+ * config.json load without --config. */
+static void test_folder_layouts(void) {
+    char dir[1024], cmd[2048];
+    snprintf(dir, sizeof dir, "%s", tmp_path("text_encoder"));
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' '%s'", dir, tmp_path("image_encoder"));
+    CHECK(run_cmd("%s", cmd) == 0, "mkdir");
+    char a[1100], b[1100];
+    snprintf(a, sizeof a, "%s/model.safetensors", dir);
+    snprintf(b, sizeof b, "%s/config.json", dir);
+    CHECK(copy_file(GOLD("text_encoder.safetensors"), a) == 0 && copy_file(GOLD("text_encoder_config.json"), b) == 0, "copy text");
+    sd_ctx c = make_ctx("fp32", SD_TEXT, "text_encoder", NULL);
+    int n = 0;
+    int *ids = golden_ids(&n);
+    sd_clip_text *t1 = clip_text_load(dir, NULL, &c.pol), *t2 = clip_text_load(a, NULL, &c.pol);
+    CHECK(t1 && t2, "text folder / sibling config: %s", sd_last_error());
+    if (t1 && t2 && ids) {
+        sd_tensor y1 = clip_text_forward(t1, &c, ids, 1, 77, 1), y2 = clip_text_forward(t2, &c, ids, 1, 77, 1);
+        check_golden("text from a folder", &y1, GOLD("text_last_hidden_state.npy"), 1e-5);
+        check_golden("text with sibling config.json", &y2, GOLD("text_last_hidden_state.npy"), 1e-5);
+        tensor_free(&y1);
+        tensor_free(&y2);
+    }
+    clip_text_free(t1);
+    clip_text_free(t2);
+    free(ids);
+    snprintf(dir, sizeof dir, "%s", tmp_path("image_encoder"));
+    snprintf(a, sizeof a, "%s/model.safetensors", dir);
+    snprintf(b, sizeof b, "%s/config.json", dir);
+    CHECK(copy_file(GOLD("image_encoder.safetensors"), a) == 0 && copy_file(GOLD("image_encoder_config.json"), b) == 0, "copy vision");
+    sd_clip_vision *v = clip_vision_load(dir, NULL, &c.pol);
+    CHECK(v != NULL, "vision folder: %s", sd_last_error());
+    sd_tensor px = pixels_golden();
+    if (v && px.data) {
+        sd_tensor e = clip_vision_forward(v, &c, &px, NULL, NULL);
+        check_golden("vision from a folder", &e, GOLD("vision_image_embeds.npy"), 1e-5);
+        tensor_free(&e);
+    }
+    tensor_free(&px);
+    clip_vision_free(v);
+    /* a folder without config.json is refused with the file named */
+    remove(b);
+    sd_clear_error();
+    v = clip_vision_load(dir, NULL, &c.pol);
+    CHECK(!v && strstr(sd_last_error(), "config.json"), "vision folder without config accepted (%s)", sd_last_error());
+    sd_clear_error();
+}
+
 /* ---------- command line ---------- */
 
 static int file_exists(const char *p) {
@@ -787,6 +847,7 @@ void test_clip(void) {
     test_text_golden();
     test_vision_golden();
     test_preprocess();
+    test_folder_layouts();
     test_commands();
     time_t t1 = time(NULL);
     test_text_real_size(env_flag("SDREF_FULL"));

@@ -121,8 +121,9 @@ static void check_golden(const char *what, const sd_tensor *x, const char *rel_g
 }
 
 /* Copy a safetensors file, leaving out `drop` and giving `reshape` one element fewer, with
- * every floating tensor stored as `dtype`. */
-static int rewrite_st(const char *src, const char *dst, st_dtype dtype, const char *drop, const char *reshape) {
+ * every floating tensor stored as `dtype`; `linear_proj`: proj_in/proj_out [C,C,1,1] -> [C,C]. */
+static int rewrite_st_ex(const char *src, const char *dst, st_dtype dtype, const char *drop, const char *reshape,
+                         int linear_proj) {
     sd_safetensors st;
     if (st_open(&st, src) != 0) return -1;
     st_writer w;
@@ -138,6 +139,7 @@ static int rewrite_st(const char *src, const char *dst, st_dtype dtype, const ch
         int ndim = e->ndim;
         memcpy(shape, e->shape, sizeof shape);
         if (reshape && !strcmp(e->name, reshape)) { ndim = 1; shape[0] = (int64_t)n - 1; }
+        if (linear_proj && ndim == 4 && (strstr(e->name, ".proj_in.") || strstr(e->name, ".proj_out."))) ndim = 2;
         if (dtype == ST_F16) st_writer_add_f16(&w, e->name, ndim, shape, x);
         else if (dtype == ST_BF16) st_writer_add_bf16(&w, e->name, ndim, shape, x);
         else st_writer_add_f32(&w, e->name, ndim, shape, x);
@@ -149,11 +151,17 @@ static int rewrite_st(const char *src, const char *dst, st_dtype dtype, const ch
     return rc;
 }
 
+static int rewrite_st(const char *src, const char *dst, st_dtype dtype, const char *drop, const char *reshape) {
+    return rewrite_st_ex(src, dst, dtype, drop, reshape, 0);
+}
+
 static int file_exists(const char *path) {
     FILE *f = fopen(path, "rb");
     if (f) fclose(f);
     return f != NULL;
 }
+
+static const sd_trace_entry *trace_find(const sd_trace *t, const char *name);
 
 /* ---- fp32 against golden: diffusers file, LDM checkpoint, and F16/BF16 files ---- */
 
@@ -205,6 +213,51 @@ static void test_dtypes(void) {
         unet_free(a);
         unet_free(b);
     }
+    free_inputs(&in);
+}
+
+/* use_linear_projection: proj_in/proj_out as Linear on tokens instead of 1x1 convs on the
+ * image (SD2.x). Both sum over input channels in ascending order, so the tiny UNet rewritten
+ * that way gives the same bits. */
+static void test_linear_projection(void) {
+    unet_inputs in;
+    if (load_inputs(&in)) return;
+    KEEP_PATH(src, shared_path(TINY "unet.safetensors"));
+    KEEP_PATH(config, shared_path(TINY "unet_config.json"));
+    KEEP_PATH(dst, tmp_path("unet_linear.safetensors"));
+    KEEP_PATH(dst_cfg, tmp_path("unet_linear_config.json"));
+    uint8_t *text;
+    size_t len;
+    char *at;
+    if (sd_read_file(config, &text, &len) != 0 || !(at = strstr((char *)text, "\"use_linear_projection\": false"))) {
+        CHECK(0, "unet_config.json: no use_linear_projection false");
+        free_inputs(&in);
+        return;
+    }
+    FILE *f = fopen(dst_cfg, "wb");
+    if (f) {
+        fprintf(f, "%.*s\"use_linear_projection\": true%s", (int)(at - (char *)text), (char *)text,
+                at + strlen("\"use_linear_projection\": false"));
+        fclose(f);
+    }
+    free(text);
+    CHECK(rewrite_st_ex(src, dst, ST_F32, NULL, NULL, 1) == 0, "rewrite: %s", sd_last_error());
+    sd_unet *a = load_unet(src, config, "fp32"), *b = load_unet(dst, dst_cfg, "fp32");
+    if (a && b) {
+        sd_trace tr;
+        memset(&tr, 0, sizeof tr);
+        sd_ctx c = make_ctx("fp32", "unet", NULL), cl = make_ctx("fp32", "unet", &tr);
+        sd_tensor oa = unet_forward(a, &c, &in.sample, &in.t, &in.context, NULL);
+        sd_tensor ob = unet_forward(b, &cl, &in.sample, &in.t, &in.context, NULL);
+        CHECK(memcmp(oa.data, ob.data, tensor_numel(&oa) * sizeof(float)) == 0, "linear projection differs from 1x1 conv");
+        const sd_trace_entry *e = trace_find(&tr, "unet.mid_block.attentions.0.proj_in");
+        CHECK(e && e->ndim == 3 && e->shape[1] == 16 && e->shape[2] == 64, "linear proj_in is traced on tokens [1,16,64]");
+        tensor_free(&oa);
+        tensor_free(&ob);
+        sd_trace_free(&tr);
+    }
+    unet_free(a);
+    unet_free(b);
     free_inputs(&in);
 }
 
@@ -587,6 +640,43 @@ static void test_cli(void) {
         }
     }
 
+    /* --ip-image: PNG -> CLIP preprocessing -> vision encoder -> adapter -> UNet, the same bits as in-process */
+    KEEP_PATH(png, shared_path("golden/clip_preprocess/gray_350x250.png"));
+    KEEP_PATH(enc, shared_path(TINY "image_encoder.safetensors"));
+    KEEP_PATH(enc_cfg, shared_path(TINY "image_encoder_config.json"));
+    remove(out);
+    rc = run_cmd("./sdref unet --model '%s' --config '%s' --sample '%s' --timestep 501 --context '%s' --ip-adapter '%s' "
+                 "--ip-image '%s' --image-encoder '%s' --image-encoder-config '%s' -o '%s' 2>'%s'", model, config, sample, ctx,
+                 ipa, png, enc, enc_cfg, out, err);
+    CHECK(rc == 0, "sdref unet --ip-image exited %d", rc);
+    sd_policy p32 = policy("fp32", SD_VISION);
+    sd_clip_vision *vm = clip_vision_load(enc, enc_cfg, &p32);
+    sd_ipadapter *ad = load_adapter(ipa);
+    sd_unet *u = load_unet(model, config, "fp32");
+    sd_image im;
+    unet_inputs in;
+    if (rc == 0 && vm && ad && u && png_read_file(png, &im) == 0) {
+        sd_tensor px, emb, tk, want;
+        sd_ctx c = make_ctx("fp32", "unet", NULL);
+        if (clip_preprocess(&im, clip_vision_image_size(vm), &px, NULL) == 0 && load_inputs(&in) == 0) {
+            emb = clip_vision_forward(vm, &c, &px, NULL, NULL);
+            tk = ipadapter_tokens(ad, &c, &emb);
+            sd_unet_ip ip = { ad, &tk, 1.0f };
+            want = unet_forward(u, &c, &in.sample, &in.t, &in.context, &ip);
+            if (load_npy(out, &o) == 0) {
+                CHECK(tensor_numel(&o) == tensor_numel(&want) &&
+                      !memcmp(o.data, want.data, tensor_numel(&want) * sizeof(float)), "--ip-image differs from the in-process chain");
+                tensor_free(&o);
+            }
+            tensor_free(&want); tensor_free(&tk); tensor_free(&emb); tensor_free(&px);
+            free_inputs(&in);
+        } else CHECK(0, "preprocess: %s", sd_last_error());
+        sd_image_free(&im);
+    } else CHECK(0, "--ip-image chain: %s", sd_last_error());
+    clip_vision_free(vm);
+    ipadapter_free(ad);
+    unet_free(u);
+
     /* bad input: non-zero exit, one line naming the problem, no output file */
     KEEP_PATH(missing, tmp_path("unet_missing.safetensors"));
     KEEP_PATH(misshaped, tmp_path("unet_misshaped.safetensors"));
@@ -734,6 +824,48 @@ static void check_shape(const sd_trace *t, const char *name, int d0, int d1, int
           e ? (int)e->shape[1] : -1, e ? (int)e->shape[2] : -1, e ? (int)e->shape[3] : -1, d0, d1, d2, d3);
 }
 
+/* SD2.x recognised from shapes in a single file without a config: the SD1.5 layout with
+ * cross-attention width 1024 and linear proj_in/proj_out (heads of size 64). */
+static void test_full_sd2(const spec_row *rows15, int n15) {
+    spec_row *rows = calloc((size_t)n15, sizeof *rows);
+    int n = 0;
+    for (int i = 0; i < n15; i++) {
+        const spec_row *r = &rows15[i];
+        if (strncmp(r->name, "model.diffusion_model.", 22) != 0) continue;
+        rows[n] = *r;
+        if (strstr(r->name, ".attn2.to_k.") || strstr(r->name, ".attn2.to_v.")) rows[n].shape[1] = 1024;
+        if ((strstr(r->name, ".proj_in.weight") || strstr(r->name, ".proj_out.weight")) && r->ndim == 4) rows[n].ndim = 2;
+        n++;
+    }
+    KEEP_PATH(path, tmp_path("sd2_random_f16.safetensors"));
+    if (write_random_st(path, rows, n) != 0) { CHECK(0, "cannot write %s", path); free(rows); return; }
+    free(rows);
+    sd_unet *u = load_unet(path, NULL, "fp16");
+    if (u) {
+        CHECK(unet_cross_attention_dim(u) == 1024, "SD2.x file: cross-attention width %d", unet_cross_attention_dim(u));
+        sd_trace tr;
+        memset(&tr, 0, sizeof tr);
+        sd_ctx c = make_ctx("fp16", "unet", &tr);
+        sd_tensor s = tensor_new(4, 2, 4, 8, 16), ctx = tensor_new(3, 2, 77, 1024, 1);
+        for (size_t i = 0; i < tensor_numel(&s); i++) s.data[i] = rng_uniform();
+        for (size_t i = 0; i < tensor_numel(&ctx); i++) ctx.data[i] = rng_uniform();
+        float t[2] = { 999, 1 };
+        sd_tensor o = unet_forward(u, &c, &s, t, &ctx, NULL);
+        size_t bad = 0;
+        for (int i = 0; i < tr.n; i++) bad += (size_t)(tr.e[i].stats.n_inf + tr.e[i].stats.n_nan);
+        CHECK(bad == 0, "SD2.x random weights: %zu Inf/NaN values in the trace", bad);
+        check_shape(&tr, "unet.down_blocks.0.attentions.0.proj_in", 2, 128, 320, 1);
+        check_shape(&tr, "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2", 2, 8, 1280, 1);
+        check_shape(&tr, "unet.conv_out", 2, 4, 8, 16);
+        tensor_free(&o);
+        tensor_free(&s);
+        tensor_free(&ctx);
+        sd_trace_free(&tr);
+        unet_free(u);
+    }
+    remove(path);
+}
+
 static void test_full(void) {
     int n, nip;
     spec_row *rows = read_spec("spec/sd15_checkpoint_ldm.tsv", &n);
@@ -747,8 +879,9 @@ static void test_full(void) {
         free(iprows);
         return;
     }
-    free(rows);
     free(iprows);
+    test_full_sd2(rows, n);
+    free(rows);
     sd_unet *u = load_unet(ck, NULL, "fp16");
     if (!u) return;
     CHECK(unet_in_channels(u) == 4 && unet_cross_attention_dim(u) == 768, "SD1.5: in %d, cross %d", unet_in_channels(u),
@@ -810,6 +943,7 @@ void test_unet(void) {
     if (!have_shared()) { CHECK(0, "shared golden data not found (set SDREF_SHARED)"); return; }
     test_fp32();
     test_dtypes();
+    test_linear_projection();
     test_fp16();
     test_trace();
     test_batch_threads();

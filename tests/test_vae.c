@@ -368,6 +368,56 @@ static void test_threads(void) {
     vae_free(v);
 }
 
+/* ---- any size, any batch: odd latent sizes decode to 8x, a batch is its images decoded alone ---- */
+
+static void test_shapes(void) {
+    sd_vae *v = load_vae("golden/tiny_a/vae.safetensors", "golden/tiny_a/vae_config.json", "fp32");
+    sd_tensor g;
+    if (!v || load_golden("golden/tiny_a/vae_decode_in.npy", &g)) {
+        vae_free(v);
+        return;
+    }
+    sd_ctx c = make_ctx("fp32", NULL);
+    /* a batch of 2: the golden latent and its negation */
+    size_t n = tensor_numel(&g);
+    sd_tensor two = tensor_new(4, 2, g.shape[1], g.shape[2], g.shape[3]), neg = tensor_copy(&g);
+    for (size_t i = 0; i < n; i++) {
+        neg.data[i] = -g.data[i];
+        two.data[i] = g.data[i];
+        two.data[n + i] = -g.data[i];
+    }
+    sd_tensor a = vae_decode(v, &c, &g), b = vae_decode(v, &c, &neg), ab = vae_decode(v, &c, &two);
+    size_t m = tensor_numel(&a);
+    CHECK(ab.shape[0] == 2 && tensor_numel(&ab) == 2 * m && memcmp(ab.data, a.data, m * sizeof(float)) == 0 &&
+              memcmp(ab.data + m, b.data, m * sizeof(float)) == 0, "a batch of 2 differs from its images decoded alone");
+    sd_tensor mean, logvar, mean2, logvar2;
+    vae_encode(v, &c, &ab, &mean2, &logvar2);
+    vae_encode(v, &c, &b, &mean, &logvar);
+    size_t q = tensor_numel(&mean);
+    CHECK(mean2.shape[0] == 2 && memcmp(mean2.data + q, mean.data, q * sizeof(float)) == 0 &&
+              memcmp(logvar2.data + q, logvar.data, q * sizeof(float)) == 0, "a batch of 2 encodes differently from one image");
+    tensor_free(&mean); tensor_free(&logvar); tensor_free(&mean2); tensor_free(&logvar2);
+    tensor_free(&a); tensor_free(&b); tensor_free(&ab); tensor_free(&two); tensor_free(&neg);
+    /* a 5x7 latent -> 40x56 image -> 5x7 latent; an odd 37x21 image as torch sizes it */
+    sd_tensor z = tensor_new(4, 1, 4, 5, 7);
+    for (size_t i = 0; i < tensor_numel(&z); i++) z.data[i] = g.data[i % n];
+    a = vae_decode(v, &c, &z);
+    size_t bad = 0;
+    for (size_t i = 0; i < tensor_numel(&a); i++) bad += !(fabsf(a.data[i]) < 100.0f);
+    CHECK(a.shape[1] == 3 && a.shape[2] == 40 && a.shape[3] == 56 && bad == 0, "5x7 latent decodes to [%d,%d,%d], %zu bad values",
+          a.shape[1], a.shape[2], a.shape[3], bad);
+    vae_encode(v, &c, &a, &mean, &logvar);
+    CHECK(mean.shape[1] == 4 && mean.shape[2] == 5 && mean.shape[3] == 7, "40x56 image encodes to %dx%d", mean.shape[2], mean.shape[3]);
+    tensor_free(&mean); tensor_free(&logvar); tensor_free(&a);
+    sd_tensor odd = tensor_new(4, 1, 3, 37, 21);
+    for (size_t i = 0; i < tensor_numel(&odd); i++) odd.data[i] = (float)((int)(i * 7 % 13) - 6) / 6.0f;
+    /* torch: out = floor((H + 1 - 3) / 2) + 1 per downsampler: 37 -> 18 -> 9 -> 4, 21 -> 10 -> 5 -> 2 */
+    vae_encode(v, &c, &odd, &mean, &logvar);
+    CHECK(mean.shape[2] == 4 && mean.shape[3] == 2, "37x21 image encodes to %dx%d, torch gives 4x2", mean.shape[2], mean.shape[3]);
+    tensor_free(&mean); tensor_free(&logvar); tensor_free(&odd); tensor_free(&z); tensor_free(&g);
+    vae_free(v);
+}
+
 /* ---- file layouts and dtypes: the same weights written other ways load to the same bits ---- */
 
 /* Copy a safetensors file, renaming keys (strip `strip` prefix; keys without it dropped when
@@ -483,7 +533,8 @@ static void test_folder(void) {
     /* an LDM checkpoint without --config is SD1.5's VAE: the tiny one is refused, naming a tensor */
     sd_clear_error();
     v = vae_load(shared_path("golden/tiny_a/checkpoint.safetensors"), NULL, &p.model[SD_VAE]);
-    CHECK(v == NULL && strstr(sd_last_error(), "expected") && strstr(sd_last_error(), "encoder.conv_in.weight"),
+    CHECK(v == NULL && strstr(sd_last_error(), "expected") && strstr(sd_last_error(), "encoder.conv_in.weight") &&
+              strstr(sd_last_error(), "--config"),
           "tiny checkpoint as SD1.5: '%s'", sd_last_error());
     vae_free(v);
 }
@@ -757,6 +808,7 @@ void test_vae(void) {
     test_trace();
     test_overflow();
     test_threads();
+    test_shapes();
     test_layouts();
     test_folder();
     test_cli();
