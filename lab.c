@@ -440,6 +440,7 @@ int cmd_compare(int argc, char **argv) {
     if (jf && sd_out_commit(&jo)) rc = 2;
     bundle_free(&A);
     bundle_free(&B);
+    free(a.used);
     if (rc) return rc;
     if (!compared) {
         sd_error("no tensor of %s has a same-named tensor in %s", pa, pb);
@@ -514,7 +515,8 @@ int sd_shadow_run(sd_model_run run, void *arg, const sd_precision *test, const s
             L->local = fe->err;
             L->has_local = 1;
             double rel = L->ref_rms > 0 ? L->local.rms / L->ref_rms : L->local.rms;
-            if (rel != rel) rel = INFINITY;
+            /* a layer that turns finite reference values into Inf/NaN adds the most of all */
+            if (rel != rel || L->local.nan_mismatch || L->local.max_abs == INFINITY) rel = INFINITY;
             if (rel > worst) { worst = rel; r->worst_local = r->n - 1; }
         }
         if (r->first_overflow < 0 && re->stats.max_abs > range_max) r->first_overflow = r->n - 1;

@@ -9,25 +9,30 @@ typedef struct command { const char *name; int (*fn)(int, char **); const char *
 static const command commands[] = {
     { "demo", cmd_demo, "[--out DIR] [--threads N]   (no files needed: a small model made on the spot, fp32 vs fp16)" },
     { "vae-decode", cmd_vae_decode,
-      "--model PATH [--config JSON] --latent IN.npy [--scaled] [--precision SPEC] [--threads N] -o OUT.npy|OUT.png" },
+      "--model PATH [--config JSON] --latent IN.npy [--scaled] [--precision SPEC] [--threads N] [--trace T.safetensors] "
+      "[--shadow SPEC [--overflow-report R.json]] [--nan-check] [--nan-fallback SPEC] -o OUT.npy|OUT.png" },
     { "vae-encode", cmd_vae_encode,
-      "--model PATH [--config JSON] --image IN.npy|IN.png [--precision SPEC] [--threads N] -o MEAN.npy [--logvar LOGVAR.npy]" },
+      "--model PATH [--config JSON] --image IN.npy|IN.png [--precision SPEC] [--threads N] [--trace T.safetensors] -o MEAN.npy "
+      "[--logvar LOGVAR.npy]" },
     { "decode-png", cmd_decode_png, "IN.png -o OUT.npy" },
     { "unet", cmd_unet,
       "--model PATH [--config JSON] --sample IN.npy --timestep T --context CTX.npy [--precision SPEC] [--threads N] "
-      "[--trace TRACE.safetensors] -o OUT.npy" },
+      "[--trace TRACE.safetensors] [--ip-adapter FILE (--ip-embeds E.npy | --ip-hidden HS.npy | --ip-image IN.png "
+      "--image-encoder PATH [--image-encoder-config JSON]) [--ip-scale S] [--ip-tokens-out T.npy]] -o OUT.npy" },
     { "tokenize", cmd_tokenize, "--tokenizer DIR|FILE --prompt TEXT [--raw]" },
     { "clip-text", cmd_clip_text,
       "--model PATH [--config JSON] (--ids IDS.npy | --prompt TEXT --tokenizer DIR|FILE) [--clip-skip N] "
-      "[--precision SPEC] [--threads N] -o OUT.npy" },
+      "[--precision SPEC] [--threads N] [--trace T.safetensors] -o OUT.npy" },
     { "clip-vision", cmd_clip_vision,
-      "--model PATH [--config JSON] (--pixels PX.npy | --image IN.png) [--penultimate HS.npy] [--precision SPEC] -o EMBEDS.npy" },
-    { "preprocess", cmd_preprocess, "--image IN.png -o PIXELS.npy" },
+      "--model PATH [--config JSON] (--pixels PX.npy | --image IN.png) [--penultimate HS.npy] [--last-hidden LH.npy] "
+      "[--precision SPEC] [--threads N] [--trace T.safetensors] -o EMBEDS.npy" },
+    { "preprocess", cmd_preprocess, "--image IN.png [--size S] [--resized-out RGB.npy] -o PIXELS.npy" },
     { "txt2img", cmd_txt2img,
       "--model PATH (--prompt TEXT [--negative TEXT] [--tokenizer PATH] | --ids-cond IDS.npy --ids-uncond IDS.npy) "
       "[--noise N.npy | --seed S [--rng cpu|cuda]] [--steps N] [--cfg G] [--sampler ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras] "
       "[--width W --height H] [--vae PATH] [--clip-skip N] [--ip-adapter F (--ip-embeds E.npy | --ip-image IMG --image-encoder PATH) "
       "[--ip-scale S]] [--precision SPEC] [--threads N] [--trace T.safetensors [--trace-stats-only] [--trace-filter GLOB]] "
+      "[--shadow SPEC [--overflow-report R.json]] [--nan-check] [--nan-fallback SPEC] "
       "[-o OUT.png] [--latent-out LAT.npy] [--image-out IMG.npy] [--quiet]" },
     { "img2img", cmd_img2img, "(as txt2img) --init IMG.png --strength S" },
     { "compare", cmd_compare,

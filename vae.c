@@ -767,12 +767,43 @@ static int cmd_end(vae_cmd *k, int rc) {
     return rc;
 }
 
+/* A shadow run's model: load the VAE under a precision and decode the latent (lab.c). */
+typedef struct decode_run { const char *model, *config; const sd_tensor *z; int threads; } decode_run;
+
+static int decode_run_fn(void *arg, const sd_precision *prec, sd_trace *trace) {
+    decode_run *r = arg;
+    sd_vae *v = vae_load(r->model, r->config, &prec->model[SD_VAE]);
+    if (!v) return -1;
+    sd_ctx c;
+    memset(&c, 0, sizeof c);
+    c.pol = prec->model[SD_VAE];
+    c.trace = trace;
+    c.prefix = "vae";
+    c.threads = r->threads;
+    sd_tensor img = vae_decode(v, &c, r->z);
+    tensor_free(&img);
+    vae_free(v);
+    return 0;
+}
+
+static int has_nonfinite(const sd_tensor *t) {
+    for (size_t i = 0; i < tensor_numel(t); i++)
+        if (t->data[i] != t->data[i] || t->data[i] - t->data[i] != 0) return 1;
+    return 0;
+}
+
 int cmd_vae_decode(int argc, char **argv) {
     vae_cmd k;
     sd_tensor z = { 0, { 0, 0, 0, 0 }, NULL }, img = z;
     int rc = -1;
+    sd_precision ref, fallback;
+    const char *report = NULL, *fallback_spec = NULL;
+    int nan_check = 0, shadow = 0;
     if (cmd_begin(&k, argc, argv, "--latent") != 0) goto done;
     int scaled = args_flag(&k.args, "--scaled");
+    shadow = args_shadow(&k.args, &ref, &report, &nan_check);
+    fallback_spec = args_value(&k.args, "--nan-fallback");
+    if (shadow < 0 || (fallback_spec && sd_precision_parse(fallback_spec, &fallback))) goto done;
     if (cmd_check(&k, "--latent") != 0) goto done;
     int png = ends_with(k.out, ".png");
     if (!png && !ends_with(k.out, ".npy")) { sd_error("-o %s: the output must be .npy or .png", k.out); goto done; }
@@ -782,7 +813,35 @@ int cmd_vae_decode(int argc, char **argv) {
         size_t n = tensor_numel(&z);
         for (size_t i = 0; i < n; i++) z.data[i] = z.data[i] / k.vae->cfg.scaling_factor + k.vae->cfg.shift_factor;
     }
+    sd_trace check;                                          /* --nan-check: statistics only, stop at the first Inf/NaN */
+    memset(&check, 0, sizeof check);
+    check.nan_check = 1;
+    if (nan_check && !k.ctx.trace) k.ctx.trace = &check;
+    else if (nan_check) k.trace.nan_check = 1;
     img = vae_decode(k.vae, &k.ctx, &z);
+    sd_trace_free(&check);
+    if (k.ctx.trace == &check) k.ctx.trace = NULL;
+    if (fallback_spec && has_nonfinite(&img)) {              /* A1111's "revert the VAE to 32-bit" */
+        fprintf(stderr, "sdref vae-decode: the decoded image has Inf/NaN with %s storage; decoding again under %s "
+                        "(--nan-fallback)\n", sd_format_name(k.prec.model[SD_VAE].storage), fallback_spec);
+        sd_vae *v2 = vae_load(k.model, k.config, &fallback.model[SD_VAE]);
+        if (!v2) goto done;
+        sd_ctx c2 = k.ctx;
+        c2.pol = fallback.model[SD_VAE];
+        c2.trace = NULL;
+        tensor_free(&img);
+        img = vae_decode(v2, &c2, &z);
+        vae_free(v2);
+    }
+    if (shadow) {                                            /* the chosen policy against the reference, layer by layer */
+        decode_run r = { k.model, k.config, &z, k.threads };
+        sd_shadow_result s;
+        if (sd_shadow_run(decode_run_fn, &r, &k.prec, &ref, sd_format_max(k.prec.model[SD_VAE].storage), &s)) goto done;
+        sd_shadow_print(&s, stderr);
+        int wrc = report ? sd_shadow_write_report(&s, report) : 0;
+        sd_shadow_free(&s);
+        if (wrc) goto done;
+    }
     rc = png ? write_png_image(k.out, &img) : npy_write_tensor(k.out, &img);
 done:
     tensor_free(&z);
