@@ -92,3 +92,15 @@ int args_shadow(sd_args *a, sd_precision *ref, const char **report_path, int *na
     if (sd_precision_parse(spec, ref)) return -1;
     return 1;
 }
+
+int args_trace_options(sd_args *a, const char *trace_path, sd_trace *t) {
+    int stats_only = args_flag(a, "--trace-stats-only");
+    const char *filter = args_value(a, "--trace-filter");
+    if (!trace_path && (stats_only || filter)) {
+        sd_error("--trace-stats-only and --trace-filter need --trace FILE.safetensors");
+        return -1;
+    }
+    t->keep_data = !stats_only;
+    t->filter = (char *)filter;   /* borrowed from argv */
+    return 0;
+}

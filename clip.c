@@ -93,14 +93,6 @@ static int cfg_open(const char *path, int vision, int strict, sd_json *root, con
     return 0;
 }
 
-/* 1 when a file can be opened for reading. */
-static int file_exists(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    return 1;
-}
-
 static int ends_with(const char *s, const char *suffix) {
     size_t a = strlen(s), b = strlen(suffix);
     return a >= b && strcmp(s + a - b, suffix) == 0;
@@ -110,31 +102,19 @@ static int ends_with(const char *s, const char *suffix) {
  * as in diffusers' text_encoder/ and h94's models/image_encoder/) or a file, whose sibling
  * config.json is consulted when no config is given. *sibling says the config was guessed. */
 static void resolve_paths(const char *path, const char *config_path, char **file, char **cfg, int *sibling) {
-    size_t n = strlen(path) + 32;
+    static const char *const names[] = { "model.safetensors", "model.fp16.safetensors" };
+    char *near;
+    int folder = sd_model_paths(path, names, 2, file, &near);
     *sibling = 0;
-    *cfg = config_path ? sd_strdup(config_path) : NULL;
-    if (!ends_with(path, ".safetensors")) {
-        *file = sd_malloc(n);
-        snprintf(*file, n, "%s/model.safetensors", path);
-        if (!file_exists(*file)) {                            /* diffusers' fp16 variant, if that is what is there */
-            snprintf(*file, n, "%s/model.fp16.safetensors", path);
-            if (!file_exists(*file)) snprintf(*file, n, "%s/model.safetensors", path);
-        }
-        if (!*cfg) {
-            *cfg = sd_malloc(n);
-            snprintf(*cfg, n, "%s/config.json", path);
-        }
-        return;
+    if (config_path) {
+        *cfg = sd_strdup(config_path);
+        free(near);
+    } else if (folder) {
+        *cfg = near ? near : sd_path_join(path, "config.json");   /* a folder must have its config.json */
+    } else {
+        *cfg = near;                                            /* a file: the config.json beside it, if any */
+        *sibling = near != NULL;
     }
-    *file = sd_strdup(path);
-    if (*cfg) return;
-    const char *slash = strrchr(path, '/');
-    size_t dir = slash ? (size_t)(slash - path + 1) : 0;
-    char *guess = sd_malloc(dir + 16);
-    memcpy(guess, path, dir);
-    memcpy(guess + dir, "config.json", 12);
-    if (file_exists(guess)) { *cfg = guess; *sibling = 1; }
-    else free(guess);
 }
 
 /* ======================================================================================
@@ -795,7 +775,9 @@ int cmd_clip_text(int argc, char **argv) {
     sd_tensor y = no_tensor();
     sd_trace trace;
     memset(&trace, 0, sizeof trace);
-    if (args_precision(&a, &prec) || args_threads(&a, &threads) || args_check_all_used(&a)) goto done;
+    if (args_trace_options(&a, trace_path, &trace) || args_precision(&a, &prec) || args_threads(&a, &threads) ||
+        args_check_all_used(&a))
+        goto done;
     if (!model || !out) { sd_error("--model and -o are required"); goto done; }
     if (!ids_path == !prompt) { sd_error("give either --ids IDS.npy or --prompt TEXT (with --tokenizer)"); goto done; }
     if (prompt && !tok_path) { sd_error("--prompt needs --tokenizer DIR|FILE"); goto done; }
@@ -805,7 +787,7 @@ int cmd_clip_text(int argc, char **argv) {
     c.pol = prec.model[SD_TEXT];
     c.prefix = "text_encoder";
     c.threads = threads;
-    if (trace_path) { trace.keep_data = 1; c.trace = &trace; }
+    if (trace_path) c.trace = &trace;
     if (!(m = clip_text_load(model, config, &c.pol))) goto done;
     if (ids_path) {
         if (read_ids(ids_path, &ids, &batch, &len)) goto done;
@@ -857,7 +839,9 @@ int cmd_clip_vision(int argc, char **argv) {
     sd_tensor px = no_tensor(), emb = no_tensor(), pen = no_tensor(), last = no_tensor();
     sd_trace trace;
     memset(&trace, 0, sizeof trace);
-    if (args_precision(&a, &prec) || args_threads(&a, &threads) || args_check_all_used(&a)) goto done;
+    if (args_trace_options(&a, trace_path, &trace) || args_precision(&a, &prec) || args_threads(&a, &threads) ||
+        args_check_all_used(&a))
+        goto done;
     if (!model || !out) { sd_error("--model and -o are required"); goto done; }
     if (!px_path == !img_path) { sd_error("give either --pixels PX.npy or --image IN.png"); goto done; }
     sd_ctx c;
@@ -865,7 +849,7 @@ int cmd_clip_vision(int argc, char **argv) {
     c.pol = prec.model[SD_VISION];
     c.prefix = "image_encoder";
     c.threads = threads;
-    if (trace_path) { trace.keep_data = 1; c.trace = &trace; }
+    if (trace_path) c.trace = &trace;
     if (!(m = clip_vision_load(model, config, &c.pol))) goto done;
     if (px_path) {
         float *d;

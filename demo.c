@@ -372,24 +372,6 @@ static double seconds(void) {   /* wall clock */
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* The shadow run's model: the VAE decoder on fixed latents. */
-typedef struct vae_run { const char *path; const sd_tensor *z; } vae_run;
-
-static int run_vae(void *arg, const sd_precision *prec, sd_trace *trace) {
-    vae_run *r = arg;
-    sd_vae *v = vae_load(r->path, NULL, &prec->model[SD_VAE]);
-    if (!v) return -1;
-    sd_ctx c;
-    memset(&c, 0, sizeof c);
-    c.pol = prec->model[SD_VAE];
-    c.trace = trace;
-    c.prefix = "vae";
-    sd_tensor img = vae_decode(v, &c, r->z);
-    tensor_free(&img);
-    vae_free(v);
-    return 0;
-}
-
 /* [1,3,H,W] in [0,1] -> [H][W][3] in 0..255 for the metrics (NaN as 0: what a PNG shows) */
 static float *to_hwc255(const sd_tensor *x) {
     int H = x->shape[2], W = x->shape[3];
@@ -468,12 +450,12 @@ int cmd_demo(int argc, char **argv) {
     free(zd);
     char vae_path[1100];
     snprintf(vae_path, sizeof vae_path, "%s/vae", model);
-    vae_run vr = { vae_path, &z };
+    sd_vae_decode_job vr = { vae_path, NULL, &z, threads };
     sd_precision p16, p32;
     sd_precision_parse("fp16", &p16);
     sd_precision_parse("fp32", &p32);
     sd_shadow_result sr;
-    if (sd_shadow_run(run_vae, &vr, &p16, &p32, sd_format_max(SD_F16), &sr)) return 1;
+    if (sd_shadow_run(vae_decode_run, &vr, &p16, &p32, sd_format_max(SD_F16), &sr)) return 1;
     if (sr.first_overflow >= 0)
         printf("  first layer beyond fp16's largest value 65504:  %s (max |x| = %.0f in float32)\n",
                sr.layers[sr.first_overflow].name, sr.layers[sr.first_overflow].ref_max_abs);

@@ -1,6 +1,9 @@
 /* io.c — errors, memory, files written atomically, and the file formats: safetensors, .npy, JSON.
  * Every parser validates everything it reads and reports one line naming the file and the problem. */
 #define _POSIX_C_SOURCE 200809L
+#if defined(__linux__)
+#define _DEFAULT_SOURCE        /* madvise(MADV_DONTNEED): give back a tensor's pages once decoded */
+#endif
 #define _FILE_OFFSET_BITS 64   /* 64-bit off_t on 32-bit hosts: real checkpoints are 2-7 GB */
 #include "sdref.h"
 #include <errno.h>
@@ -965,6 +968,22 @@ const st_entry *st_find(const sd_safetensors *st, const char *name) {
 }
 
 /* Decode bytewise (little-endian, whatever the host) and convert to float32. */
+void st_release(const sd_safetensors *st, const st_entry *e) {
+#if defined(SD_HAVE_MMAP) && defined(MADV_DONTNEED)
+    /* the mapping is read-only and file-backed: dropped pages come back from the file if read again */
+    if (!st->mapped || !e->nbytes) return;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) return;
+    uintptr_t a = (uintptr_t)(st->data + e->offset), b = a + (uintptr_t)e->nbytes;
+    a = (a + (uintptr_t)page - 1) / (uintptr_t)page * (uintptr_t)page;   /* whole pages inside the tensor only */
+    b = b / (uintptr_t)page * (uintptr_t)page;
+    if (b > a) madvise((void *)a, (size_t)(b - a), MADV_DONTNEED);
+#else
+    (void)st;
+    (void)e;
+#endif
+}
+
 void st_read_f32(const sd_safetensors *st, const st_entry *e, float *dst) {
     const uint8_t *p = st->data + e->offset;
     size_t n = (size_t)(e->nbytes / st_dtype_sizes[e->dtype]);

@@ -312,8 +312,8 @@ static size_t count_non_finite(const sd_tensor *x) {
     return bad;
 }
 
-/* [1,3,H,W] in [0,1] -> RGB8, as numpy's (x * 255).round() (half to even) */
-static uint8_t *to_rgb8(const sd_tensor *x) {
+/* [1,3,H,W] in [0,1] -> RGB8, as numpy's (x * 255).round() (half to even); NaN black */
+uint8_t *sd_image_rgb8(const sd_tensor *x) {
     int H = x->shape[2], W = x->shape[3];
     uint8_t *p = sd_malloc((size_t)H * W * 3);
     for (int c = 0; c < 3; c++)
@@ -493,7 +493,7 @@ int sd_job_run(sd_job *j) {
             j->image = tensor_copy(&unit);
         }
         if (j->out_png) {
-            uint8_t *rgb = to_rgb8(&unit);
+            uint8_t *rgb = sd_image_rgb8(&unit);
             char *params = a1111_parameters(j, model_path);
             const char *keys[1] = { "parameters" }, *vals[1] = { params };
             int prc = png_write_file(j->out_png, unit.shape[3], unit.shape[2], 3, rgb, 1, keys, vals);

@@ -924,6 +924,57 @@ int sd_trace_write(const sd_trace *t, const char *path) {
  * decoded from any dtype, rounded to the policy's weight format, kept in that format.
  * ====================================================================================== */
 
+int sd_file_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    fclose(f);
+    return 1;
+}
+
+char *sd_path_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = sd_malloc(n);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* The folder part of a file path ("." when there is none). */
+static char *path_dir(const char *file) {
+    const char *slash = strrchr(file, '/');
+    if (!slash) return sd_strdup(".");
+    char *d = sd_strdup(file);
+    d[slash - file] = 0;
+    return d;
+}
+
+int sd_model_paths(const char *path, const char *const *names, int n_names, char **file, char **config) {
+    *file = *config = NULL;
+    for (int i = 0; i < n_names && !*file; i++) {
+        char *p = sd_path_join(path, names[i]);
+        if (sd_file_exists(p)) *file = p;
+        else free(p);
+    }
+    int folder = *file != NULL;
+    if (!folder) {
+        /* a folder without any of the names: name the first, so the error says what is missing */
+        char *probe = sd_path_join(path, ".");
+        FILE *f = fopen(probe, "rb");
+        free(probe);
+        if (f) {
+            fclose(f);
+            *file = sd_path_join(path, names[0]);
+            folder = 1;
+        } else {
+            *file = sd_strdup(path);
+        }
+    }
+    char *dir = path_dir(*file), *c = sd_path_join(dir, "config.json");
+    free(dir);
+    if (sd_file_exists(c)) *config = c;
+    else free(c);
+    return folder;
+}
+
 int loader_open(sd_loader *l, const char *path, sd_rename_fn rename, void *user, const sd_policy *pol) {
     memset(l, 0, sizeof *l);
     l->st = sd_malloc(sizeof *l->st);
@@ -1011,6 +1062,7 @@ static int load_param(sd_loader *l, sd_param *out, const char *name, int ndim, c
     for (int d = 0; d < ndim; d++) n *= (size_t)shape[d];
     float *f = sd_malloc(n * sizeof(float));
     st_read_f32(l->st, e, f);
+    st_release(l->st, e);
     sd_format wf = l->pol.weights;
     switch (wf) {
     case SD_F16: case SD_BF16: {

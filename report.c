@@ -48,20 +48,6 @@ static char *png_data_uri(const char *tmp_path, int w, int h, const uint8_t *rgb
     return uri;
 }
 
-/* [1,3,H,W] in [0,1] -> RGB8 as the pipeline writes its PNG: round half to even, NaN black. */
-static uint8_t *image_rgb8(const sd_tensor *x) {
-    int H = x->shape[2], W = x->shape[3];
-    uint8_t *p = sd_malloc((size_t)H * W * 3);
-    for (int c = 0; c < 3; c++)
-        for (int i = 0; i < H * W; i++) {
-            float v = x->data[(size_t)c * H * W + i] * 255.0f;
-            double r = v != v ? 0 : floor((double)v + 0.5);
-            if (r - v == 0.5 && fmod(r, 2.0) != 0) r -= 1;
-            p[(size_t)i * 3 + c] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
-        }
-    return p;
-}
-
 static double nan_share(const sd_tensor *x) {
     size_t n = tensor_numel(x), bad = 0;
     for (size_t i = 0; i < n; i++) bad += !isfinite(x->data[i]);
@@ -811,8 +797,8 @@ int cmd_report(int argc, char **argv) {
         }
         p.w = s.image[0].shape[3];
         p.h = s.image[0].shape[2];
-        p.rgb_a = image_rgb8(&s.image[0]);
-        p.rgb_b = image_rgb8(&s.image[1]);
+        p.rgb_a = sd_image_rgb8(&s.image[0]);
+        p.rgb_b = sd_image_rgb8(&s.image[1]);
         p.nan_a = nan_share(&s.image[0]);
         p.nan_b = nan_share(&s.image[1]);
         size_t n = (size_t)p.w * p.h * 3;

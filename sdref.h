@@ -260,6 +260,13 @@ typedef struct sd_loader {
     int n;
 } sd_loader;
 int loader_open(sd_loader *l, const char *path, sd_rename_fn rename, void *user, const sd_policy *pol);
+/* Where a model's weights and config.json are. PATH is a folder holding one of `names` (tried in
+ * order, relative paths such as "unet/diffusion_pytorch_model.safetensors"), or a file. *file: the
+ * weights (for a folder without any of the names, the first name, so errors say what is missing);
+ * *config: the config.json beside *file, or NULL when there is none. Both malloc'ed. 1 = folder. */
+int sd_model_paths(const char *path, const char *const *names, int n_names, char **file, char **config);
+int sd_file_exists(const char *path);                     /* a file that opens for reading */
+char *sd_path_join(const char *dir, const char *name);    /* "dir/name", malloc'ed */
 void loader_close(sd_loader *l);
 /* 1 when a tensor of that (diffusers) name exists. */
 int loader_has(const sd_loader *l, const char *name);
@@ -394,6 +401,9 @@ void st_close(sd_safetensors *st);
 const st_entry *st_find(const sd_safetensors *st, const char *name);
 /* Decode a tensor (any float or integer dtype) to float32, bytewise little-endian. */
 void st_read_f32(const sd_safetensors *st, const st_entry *e, float *dst);
+/* A tensor's bytes are no longer needed (decoded into the model): let the OS take its pages back,
+ * so peak memory is the model, not the model plus the mapped file. No-op where unsupported. */
+void st_release(const sd_safetensors *st, const st_entry *e);
 size_t st_dtype_size(st_dtype d);
 const char *st_dtype_name(st_dtype d);
 /* Writer: collects tensors, writes one file atomically. Data is copied. */
@@ -516,6 +526,10 @@ int vae_latent_channels(const sd_vae *v);
 sd_tensor vae_decode(const sd_vae *v, const sd_ctx *c, const sd_tensor *latent);   /* [N,4,h,w] -> [N,3,8h,8w] */
 /* -> mean and logvar [N,4,h/8,w/8] (logvar clamped to [-30, 20]). */
 void vae_encode(const sd_vae *v, const sd_ctx *c, const sd_tensor *image, sd_tensor *mean, sd_tensor *logvar);
+/* One decode as a shadow run's model (an sd_model_run; arg = sd_vae_decode_job *): loads the VAE
+ * under the given precision and decodes z, tracing under the "vae" prefix. */
+typedef struct sd_vae_decode_job { const char *model, *config; const sd_tensor *z; int threads; } sd_vae_decode_job;
+int vae_decode_run(void *arg, const sd_precision *prec, sd_trace *trace);
 
 typedef struct sd_unet sd_unet;
 typedef struct sd_ipadapter sd_ipadapter;
@@ -687,6 +701,8 @@ int sd_job_from_args(struct sd_args *a, sd_job *j, int img2img);
 int sd_job_check(const sd_job *j, int img2img);
 /* Run it: 0, or -1 with sd_error. */
 int sd_job_run(sd_job *j);
+/* An image [1,3,H,W] in [0,1] as RGB8 [H][W][3], as diffusers' (x * 255).round(): half to even, NaN black. */
+uint8_t *sd_image_rgb8(const sd_tensor *x);
 /* A whole job as lab.c's sd_shadow_run runs a model (an sd_model_run with arg = sd_job_shadow *):
  * each call runs a copy of `job` under `prec` into `trace` (filter: every run's trace filter),
  * keeping its image in image[call] (0 reference, 1 test, 2 test fed the reference); only call
@@ -769,6 +785,9 @@ int args_threads(sd_args *a, int *threads);
 /* --trace FILE.safetensors [--trace-stats-only] [--trace-filter GLOB]: 1 when tracing (t set up,
  * *path = FILE), 0 when not asked, -1 on a bad combination. Write with sd_trace_write(t, *path). */
 int args_trace(sd_args *a, sd_trace *t, const char **path);
+/* For commands that read --trace themselves: --trace-stats-only and --trace-filter GLOB into t
+ * (keep_data, filter). -1 when they are given without a trace path. */
+int args_trace_options(sd_args *a, const char *trace_path, sd_trace *t);
 /* --shadow SPEC [--overflow-report R.json] and --nan-check: 1 when a shadow run is asked (ref
  * set), 0 when not, -1 on error. */
 int args_shadow(sd_args *a, sd_precision *ref, const char **report_path, int *nan_check);

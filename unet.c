@@ -524,19 +524,6 @@ static void config_from_ldm_shapes(sd_loader *l, unet_config *c) {
     }
 }
 
-static int file_exists(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f) fclose(f);
-    return f != NULL;
-}
-
-static char *join_path(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = sd_malloc(n);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 /* 1 when the file has LDM keys, 0 when diffusers keys, -1 (with sd_error) otherwise. */
 static int detect_layout(const char *path) {
     sd_safetensors st;
@@ -560,16 +547,9 @@ static int detect_layout(const char *path) {
 sd_unet *unet_load(const char *path, const char *config_path, const sd_policy *pol) {
     static const char *const names[] = { "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                                          "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors" };
-    char *file = NULL, *cfg_file = NULL;
-    for (size_t i = 0; i < sizeof names / sizeof names[0] && !file; i++) {
-        char *p = join_path(path, names[i]);
-        if (file_exists(p)) {
-            file = p;
-            if (!config_path) cfg_file = join_path(path, i < 2 ? "config.json" : "unet/config.json");
-        } else free(p);
-    }
-    int is_dir = file != NULL;
-    if (!file) file = sd_strdup(path);
+    char *file, *near_cfg;
+    int is_dir = sd_model_paths(path, names, (int)(sizeof names / sizeof names[0]), &file, &near_cfg);
+    char *cfg_file = NULL;
     sd_unet *u = sd_calloc(1, sizeof *u);
     ldm_map *map = NULL;
     sd_loader l;
@@ -577,16 +557,13 @@ sd_unet *unet_load(const char *path, const char *config_path, const sd_policy *p
     int ldm = detect_layout(file);
     if (ldm < 0) goto fail;
     if (is_dir && ldm) { sd_error("%s: the folder's UNet file has LDM names", path); goto fail; }
-    if (!config_path && !cfg_file && !ldm) {                 /* a diffusers file: config.json beside it */
-        const char *slash = strrchr(file, '/');
-        char *dir = slash ? sd_strdup(file) : sd_strdup(".");
-        if (slash) dir[slash - file] = 0;
-        cfg_file = join_path(dir, "config.json");
-        free(dir);
-        if (!file_exists(cfg_file)) {
+    if (!config_path && !ldm) {                              /* a diffusers file: its config.json beside it */
+        if (!near_cfg) {
             sd_error("%s: a diffusers UNet file needs its config.json (pass --config)", path);
             goto fail;
         }
+        cfg_file = near_cfg;
+        near_cfg = NULL;
     }
     const char *cfg = config_path ? config_path : cfg_file;
     if (cfg) {
@@ -611,12 +588,14 @@ sd_unet *unet_load(const char *path, const char *config_path, const sd_policy *p
     free(map);
     free(file);
     free(cfg_file);
+    free(near_cfg);
     return u;
 fail:
     if (l.st) loader_close(&l);
     free(map);
     free(file);
     free(cfg_file);
+    free(near_cfg);
     unet_free(u);
     return NULL;
 }
@@ -1131,7 +1110,9 @@ int cmd_unet(int argc, char **argv) {
     const char *ip_scale_s = args_value(&a, "--ip-scale"), *tokens_out = args_value(&a, "--ip-tokens-out");
     ip_opts ipo = { args_value(&a, "--ip-embeds"), args_value(&a, "--ip-hidden"), args_value(&a, "--ip-image"),
                     args_value(&a, "--image-encoder"), args_value(&a, "--image-encoder-config") };
-    if (args_precision(&a, &prec) || args_threads(&a, &threads) || args_check_all_used(&a)) goto done;
+    if (args_trace_options(&a, trace_path, &trace) || args_precision(&a, &prec) || args_threads(&a, &threads) ||
+        args_check_all_used(&a))
+        goto done;
     if (!ip_path && (ipo.embeds || ipo.hidden || ipo.image || ipo.encoder || ipo.encoder_cfg || ip_scale_s || tokens_out)) {
         sd_error("--ip-embeds, --ip-hidden, --ip-image, --image-encoder, --ip-scale and --ip-tokens-out need --ip-adapter FILE");
         goto done;
@@ -1139,10 +1120,7 @@ int cmd_unet(int argc, char **argv) {
     sd_ctx c;
     memset(&c, 0, sizeof c);
     c.threads = threads;
-    if (trace_path) {
-        trace.keep_data = 1;
-        c.trace = &trace;
-    }
+    if (trace_path) c.trace = &trace;
     float ip_scale = 1.0f;
     if (ip_scale_s) {
         char *end;

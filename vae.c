@@ -396,46 +396,22 @@ void vae_free(sd_vae *v) {
     free(v);
 }
 
-/* 1 when the file exists and can be opened for reading. */
-static int readable(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f) fclose(f);
-    return f != NULL;
-}
-
-static char *join_path(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = sd_malloc(n);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 /* The weights file and config of PATH: a diffusers folder (diffusion_pytorch_model
  * .safetensors + config.json), a diffusers file (config.json next to it, if any), or an
  * LDM file (SD1.5's config unless --config says otherwise). */
 sd_vae *vae_load(const char *path, const char *config_path, const sd_policy *pol) {
     static const char *const weight_names[] = { "diffusion_pytorch_model.safetensors",
                                                 "diffusion_pytorch_model.fp16.safetensors" };
-    char *file = NULL, *config = config_path ? sd_strdup(config_path) : NULL;
-    for (int i = 0; i < 2 && !file; i++) {
-        char *p = join_path(path, weight_names[i]);
-        if (readable(p)) file = p;
-        else free(p);
-    }
-    int is_dir = file != NULL;
-    if (!file) file = sd_strdup(path);
+    char *file, *near_cfg, *config = config_path ? sd_strdup(config_path) : NULL;
+    int is_dir = sd_model_paths(path, weight_names, 2, &file, &near_cfg);
     layout_info li;
     sd_vae *v = NULL;
     sd_loader l;
     memset(&l, 0, sizeof l);
     if (detect_layout(file, &li) != 0) goto fail;
     if (!config && li.layout == LAYOUT_DIFFUSERS) {           /* the folder's config.json */
-        char *dir = sd_strdup(file), *slash = strrchr(dir, '/');
-        if (slash) *slash = 0;
-        char *p = join_path(slash ? dir : ".", "config.json");
-        free(dir);
-        if (readable(p)) config = p;
-        else free(p);
+        config = near_cfg;
+        near_cfg = NULL;
         if (!config && is_dir) {
             sd_error("%s: no config.json in the folder (pass --config)", path);
             goto fail;
@@ -468,12 +444,14 @@ sd_vae *vae_load(const char *path, const char *config_path, const sd_policy *pol
     }
     loader_close(&l);
     free(file);
+    free(near_cfg);
     free(config);
     return v;
 fail:
     if (l.st) loader_close(&l);
     vae_free(v);
     free(file);
+    free(near_cfg);
     free(config);
     return NULL;
 }
@@ -726,6 +704,7 @@ static int cmd_begin(vae_cmd *k, int argc, char **argv, const char *input_flag) 
     k->input = args_value(&k->args, input_flag);
     k->out = args_value(&k->args, "-o");
     k->trace_path = args_value(&k->args, "--trace");
+    if (args_trace_options(&k->args, k->trace_path, &k->trace)) return -1;
     if (args_precision(&k->args, &k->prec) || args_threads(&k->args, &k->threads)) return -1;
     return 0;
 }
@@ -752,10 +731,7 @@ static int cmd_load(vae_cmd *k) {
     k->ctx.pol = *pol;
     k->ctx.prefix = "vae";
     k->ctx.threads = k->threads;
-    if (k->trace_path) {
-        k->trace.keep_data = 1;
-        k->ctx.trace = &k->trace;
-    }
+    if (k->trace_path) k->ctx.trace = &k->trace;
     return 0;
 }
 
@@ -767,11 +743,8 @@ static int cmd_end(vae_cmd *k, int rc) {
     return rc;
 }
 
-/* A shadow run's model: load the VAE under a precision and decode the latent (lab.c). */
-typedef struct decode_run { const char *model, *config; const sd_tensor *z; int threads; } decode_run;
-
-static int decode_run_fn(void *arg, const sd_precision *prec, sd_trace *trace) {
-    decode_run *r = arg;
+int vae_decode_run(void *arg, const sd_precision *prec, sd_trace *trace) {
+    const sd_vae_decode_job *r = arg;
     sd_vae *v = vae_load(r->model, r->config, &prec->model[SD_VAE]);
     if (!v) return -1;
     sd_ctx c;
@@ -834,9 +807,9 @@ int cmd_vae_decode(int argc, char **argv) {
         vae_free(v2);
     }
     if (shadow) {                                            /* the chosen policy against the reference, layer by layer */
-        decode_run r = { k.model, k.config, &z, k.threads };
+        sd_vae_decode_job r = { k.model, k.config, &z, k.threads };
         sd_shadow_result s;
-        if (sd_shadow_run(decode_run_fn, &r, &k.prec, &ref, sd_format_max(k.prec.model[SD_VAE].storage), &s)) goto done;
+        if (sd_shadow_run(vae_decode_run, &r, &k.prec, &ref, sd_format_max(k.prec.model[SD_VAE].storage), &s)) goto done;
         sd_shadow_print(&s, stderr);
         int wrc = report ? sd_shadow_write_report(&s, report) : 0;
         sd_shadow_free(&s);

@@ -26,4 +26,9 @@ int have_shared(void);
 int run_cmd(const char *fmt, ...);
 /* Environment flag (SDREF_EXHAUSTIVE, SDREF_FULL) set to a non-empty value other than 0. */
 int env_flag(const char *name);
+/* Array comparisons shared by the model tests: max |a|, max |a - b| (NaN anywhere: infinite),
+ * root-mean-square of a - b. */
+double max_abs(const float *a, size_t n);
+double max_diff(const float *a, const float *b, size_t n);
+double rms_diff(const float *a, const float *b, size_t n);
 #endif

@@ -25,21 +25,6 @@ static float *read_f32(const char *path, size_t *n) {
     return d;
 }
 
-static double max_abs(const float *a, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++) m = fabs(a[i]) > m ? fabs(a[i]) : m;
-    return m;
-}
-
-static double max_diff(const float *a, const float *b, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (!(d <= m)) m = d;                                /* NaN counts as a failure */
-    }
-    return m;
-}
-
 static double rms_rel(const float *a, const float *ref, size_t n) {
     double e = 0, r = 0;
     for (size_t i = 0; i < n; i++) {

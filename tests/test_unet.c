@@ -32,29 +32,6 @@ static int load_npy(const char *path, sd_tensor *t) {
 
 static int load_golden(const char *rel, sd_tensor *t) { return load_npy(shared_path(rel), t); }
 
-static double max_abs(const float *a, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++) m = fabs(a[i]) > m ? fabs(a[i]) : m;
-    return m;
-}
-
-/* max |a - b|; NaN anywhere counts as infinitely far. */
-static double max_diff(const float *a, const float *b, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (d != d) return INFINITY;
-        m = d > m ? d : m;
-    }
-    return m;
-}
-
-static double rms_diff(const float *a, const float *b, size_t n) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    return sqrt(s / (double)n);
-}
-
 static sd_policy policy(const char *spec, sd_model_kind k) {
     sd_precision p;
     if (sd_precision_parse(spec, &p) != 0) CHECK(0, "precision %s: %s", spec, sd_last_error());

@@ -28,29 +28,6 @@ static int load_golden(const char *rel, sd_tensor *t) {
     return 0;
 }
 
-static double max_abs(const float *a, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++) m = fabs(a[i]) > m ? fabs(a[i]) : m;
-    return m;
-}
-
-/* max |a - b|; NaN anywhere counts as infinite distance. */
-static double max_diff(const float *a, const float *b, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (d != d) return INFINITY;
-        m = d > m ? d : m;
-    }
-    return m;
-}
-
-static double rms_diff(const float *a, const float *b, size_t n) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    return sqrt(s / (double)n);
-}
-
 static sd_ctx make_ctx(const char *spec, sd_trace *trace) {
     sd_precision p;
     sd_ctx c;
