@@ -29,6 +29,7 @@ void sd_set_threads(int n) {
 
 void sd_parallel_for_work(int64_t n, double work_per_item, sd_range_fn fn, void *arg) {
     if (n <= 0) return;
+    (void)work_per_item;   /* only OpenMP builds share work */
 #ifdef _OPENMP
     if (n > 1 && (double)n * work_per_item >= PARALLEL_MIN_WORK && !omp_in_parallel()) {
         _Pragma("omp parallel")

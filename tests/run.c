@@ -3,6 +3,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "test.h"
 #include <math.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +92,76 @@ double rms_diff(const float *a, const float *b, size_t n) {
     double s = 0;
     for (size_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
     return n ? sqrt(s / (double)n) : 0;
+}
+
+/* FNV-1a of a name: each tensor's random values depend on its name only. */
+static uint64_t spec_hash(const char *s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 0x100000001b3ull;
+    return h;
+}
+
+/* Plausible random values: weights ~ U with unit-variance fan-in scaling, norm weights near 1,
+ * biases small, embeddings +-0.5. */
+static void fill_random(float *v, size_t n, const char *name, int ndim, const int64_t *shape) {
+    uint64_t s = spec_hash(name) | 1;
+    double fan_in = 1;
+    for (int d = 1; d < ndim; d++) fan_in *= (double)shape[d];
+    int norm = ndim == 1 && strstr(name, "norm") && strstr(name, "weight");
+    int bias = ndim == 1 && !norm;
+    double amp = ndim >= 2 && !strstr(name, "embedding.weight") ? sqrt(3.0 / fan_in) : 0.5;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+        double u = (double)(s >> 11) / 9007199254740992.0 * 2 - 1;
+        v[i] = (float)(norm ? 1 + 0.1 * u : bias ? 0.02 * u : amp * u);
+    }
+}
+
+int write_spec_file(const char *tsv, const char *prefix, const char *out) {
+    uint8_t *text;
+    size_t len;
+    if (sd_read_file(shared_path(tsv), &text, &len)) return -1;
+    st_writer w;
+    st_writer_init(&w);
+    int count = 0;
+    for (char *line = (char *)text; line && *line; ) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        char *f[4] = { line, NULL, NULL, NULL };
+        for (int k = 1; k < 4 && f[k - 1]; k++) {
+            char *tab = strchr(f[k - 1], '\t');
+            if (tab) { *tab = 0; f[k] = tab + 1; }
+        }
+        if (line[0] != '#' && f[3] && strcmp(f[0], "name") != 0 && !strncmp(f[0], prefix, strlen(prefix))) {
+            int64_t shape[8];
+            int nd = 0;
+            for (char *q = f[2]; *q && nd < 8; ) {
+                shape[nd++] = strtoll(q, &q, 10);
+                if (*q == ',') q++;
+            }
+            size_t n = 1;
+            for (int d = 0; d < nd; d++) n *= (size_t)shape[d];
+            if (!strcmp(f[1], "I64")) {                          /* position_ids buffer: arange */
+                uint8_t *b = calloc(n, 8);
+                for (size_t k = 0; k < n; k++)
+                    for (int by = 0; by < 8; by++) b[k * 8 + by] = (uint8_t)((uint64_t)k >> (8 * by));
+                st_writer_add_raw(&w, f[0], ST_I64, nd, shape, b, n * 8);
+                free(b);
+            } else {
+                const char *src = strchr(f[3], ':') ? strchr(f[3], ':') + 1 : f[0];
+                float *v = malloc(n * sizeof(float));
+                fill_random(v, n, src, nd, shape);
+                st_writer_add_f16(&w, f[0], nd, shape, v);
+                free(v);
+            }
+            count++;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+    if (st_writer_write(&w, out)) count = -1;
+    st_writer_free(&w);
+    return count;
 }
 
 static void cleanup(void) {

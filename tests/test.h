@@ -31,4 +31,8 @@ int env_flag(const char *name);
 double max_abs(const float *a, size_t n);
 double max_diff(const float *a, const float *b, size_t n);
 double rms_diff(const float *a, const float *b, size_t n);
+/* A random-weight F16 safetensors with exactly the names and shapes of a shared/spec .tsv (rows
+ * whose name starts with `prefix`; I64 buffers as arange): the real layouts, made on the spot.
+ * Returns the number of tensors written, -1 on failure. */
+int write_spec_file(const char *tsv_rel, const char *prefix, const char *out);
 #endif

@@ -522,69 +522,10 @@ static uint64_t hash_str(const char *s) {
 
 /* Deterministic values for a tensor, seeded by its (transformers) name: unit-gain linear
  * weights, norms near 1, small biases and embeddings. */
-static void fill_random(float *v, size_t n, const char *name, int ndim, const int64_t *shape) {
-    uint64_t s = hash_str(name) | 1;
-    double fan_in = 1;
-    for (int d = 1; d < ndim; d++) fan_in *= (double)shape[d];
-    int norm = ndim == 1 && strstr(name, "norm") && strstr(name, "weight");
-    int bias = ndim == 1 && !norm;
-    double amp = ndim >= 2 && !strstr(name, "embedding.weight") ? sqrt(3.0 / fan_in) : 0.5;
-    for (size_t i = 0; i < n; i++) {
-        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-        double u = (double)(s >> 11) / 9007199254740992.0 * 2 - 1;
-        v[i] = (float)(norm ? 1 + 0.1 * u : bias ? 0.02 * u : amp * u);
-    }
-}
 
 /* Write the rows of a spec TSV whose name starts with `prefix` as an F16 safetensors file
  * (I64 rows as arange). The RNG is seeded by the transformers name (the source column of
  * the LDM spec), so both layouts hold the same values. Returns the tensor count. */
-static int write_spec(const char *tsv, const char *prefix, const char *out) {
-    uint8_t *text;
-    size_t len;
-    if (sd_read_file(shared_path(tsv), &text, &len)) return -1;
-    st_writer w;
-    st_writer_init(&w);
-    int count = 0;
-    for (char *line = (char *)text; line && *line; ) {
-        char *nl = strchr(line, '\n');
-        if (nl) *nl = 0;
-        char *f[4] = { line, NULL, NULL, NULL };
-        for (int k = 1; k < 4 && f[k - 1]; k++) {
-            char *tab = strchr(f[k - 1], '\t');
-            if (tab) { *tab = 0; f[k] = tab + 1; }
-        }
-        if (line[0] != '#' && f[3] && strcmp(f[0], "name") != 0 && !strncmp(f[0], prefix, strlen(prefix))) {
-            int64_t shape[8];
-            int nd = 0;
-            for (char *q = f[2]; *q && nd < 8; ) {
-                shape[nd++] = strtoll(q, &q, 10);
-                if (*q == ',') q++;
-            }
-            size_t n = 1;
-            for (int d = 0; d < nd; d++) n *= (size_t)shape[d];
-            if (!strcmp(f[1], "I64")) {                          /* position_ids buffer: arange */
-                uint8_t *b = calloc(n, 8);
-                for (size_t k = 0; k < n; k++)
-                    for (int by = 0; by < 8; by++) b[k * 8 + by] = (uint8_t)((uint64_t)k >> (8 * by));
-                st_writer_add_raw(&w, f[0], ST_I64, nd, shape, b, n * 8);
-                free(b);
-            } else {
-                const char *src = strchr(f[3], ':') ? strchr(f[3], ':') + 1 : f[0];
-                float *v = malloc(n * sizeof(float));
-                fill_random(v, n, src, nd, shape);
-                st_writer_add_f16(&w, f[0], nd, shape, v);
-                free(v);
-            }
-            count++;
-        }
-        line = nl ? nl + 1 : NULL;
-    }
-    free(text);
-    if (st_writer_write(&w, out)) count = -1;
-    st_writer_free(&w);
-    return count;
-}
 
 /* The SD1.5 text encoder at real size: the cond_stage_model.* part of the LDM checkpoint spec
  * (loaded without a config: SD1.5's is assumed) on 77 tokens; with `full` also the
@@ -593,8 +534,8 @@ static void test_text_real_size(int full) {
     char tf[1024], ck[1024];
     snprintf(tf, sizeof tf, "%s", tmp_path("sd15_te.safetensors"));
     snprintf(ck, sizeof ck, "%s", tmp_path("sd15_ckpt_te.safetensors"));
-    int n2 = write_spec("spec/sd15_checkpoint_ldm.tsv", "cond_stage_model.", ck);
-    int n1 = full ? write_spec("spec/sd15_text_encoder_transformers.tsv", "text_model.", tf) : 197;
+    int n2 = write_spec_file("spec/sd15_checkpoint_ldm.tsv", "cond_stage_model.", ck);
+    int n1 = full ? write_spec_file("spec/sd15_text_encoder_transformers.tsv", "text_model.", tf) : 197;
     CHECK(n1 == 197 && n2 == 197, "real-size text files: %d and %d tensors written (%s)", n1, n2, sd_last_error());
     sd_ctx c = make_ctx("fp32", SD_TEXT, "text_encoder", NULL);
     sd_clip_text *b = clip_text_load(ck, NULL, &c.pol);                    /* SD1.5 config assumed */
@@ -631,7 +572,7 @@ static void test_text_real_size(int full) {
 static void test_vision_real_size(void) {
     char vf[4096];
     snprintf(vf, sizeof vf, "%s", tmp_path("vit_h.safetensors"));
-    int n = write_spec("spec/ip_adapter_image_encoder_transformers.tsv", "v", vf);
+    int n = write_spec_file("spec/ip_adapter_image_encoder_transformers.tsv", "v", vf);
     CHECK(n == 3 + 2 + 32 * 16 + 2 + 1 + 1, "real-size vision file: %d tensors (%s)", n, sd_last_error());
     sd_ctx c = make_ctx("fp16", SD_VISION, "image_encoder", NULL);       /* fp16 weights in memory: 1.3 GB */
     sd_clip_vision *m = clip_vision_load(vf, NULL, &c.pol);                 /* ViT-H config assumed */
