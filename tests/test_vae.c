@@ -518,59 +518,10 @@ static void test_folder(void) {
 
 /* ---- real SD1.5 names and shapes (shared/spec), both layouts, no config: SDREF_FULL ---- */
 
-static uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-/* A random-weight file with the rows of a spec table whose name starts with `prefix`; each
- * tensor's values depend only on its diffusers name (the `source` column, else the name), so
- * the two layouts hold the same weights. */
-static int spec_file(const char *spec_rel, const char *prefix, const char *out) {
-    uint8_t *text;
-    size_t len;
-    if (sd_read_file(shared_path(spec_rel), &text, &len) != 0) return -1;
-    st_writer w;
-    st_writer_init(&w);
-    int rows = 0;
-    for (char *line = strtok((char *)text, "\n"); line; line = strtok(NULL, "\n")) {
-        char name[512], dtype[16], shape_text[128], source[512] = "";
-        int got = sscanf(line, "%511s %15s %127s %511s", name, dtype, shape_text, source);
-        if (line[0] == '#' || got < 3 || strncmp(name, prefix, strlen(prefix)) != 0 || !strcmp(name, "name")) continue;
-        const char *key = strncmp(source, "vae:", 4) == 0 ? source + 4 : name;
-        int64_t shape[8];
-        int ndim = 0;
-        size_t n = 1;
-        for (char *p = shape_text; *p && ndim < 8;) {
-            shape[ndim] = strtoll(p, &p, 10);
-            n *= (size_t)shape[ndim++];
-            if (*p != ',') break;
-            p++;
-        }
-        uint64_t h = 1469598103934665603ull;
-        for (const char *c = key; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
-        float *x = malloc(n * sizeof(float));
-        double fan_in = ndim > 1 ? (double)n / (double)shape[0] : 1.0;
-        int bias = strstr(key, ".bias") != NULL, norm = strstr(key, "norm") != NULL;
-        for (size_t i = 0; i < n; i++) {
-            float u = (float)((double)(mix64(h + i) >> 11) * (1.0 / 4503599627370496.0) - 1.0);
-            x[i] = bias ? 0.01f * u : norm ? 1.0f : (float)(sqrt(3.0 / fan_in) * u);
-        }
-        st_writer_add_f16(&w, name, ndim, shape, x);
-        free(x);
-        rows++;
-    }
-    free(text);
-    int rc = rows ? st_writer_write(&w, out) : -1;
-    st_writer_free(&w);
-    return rc;
-}
-
 static void test_real_size_layouts(void) {
     KEEP_PATH(diff, tmp_path("sd15_vae_f16.safetensors"));
     KEEP_PATH(ldm, tmp_path("sd15_ckpt_vae_f16.safetensors"));
-    CHECK(spec_file("spec/sd15_vae_diffusers.tsv", "", diff) == 0 && spec_file("spec/sd15_checkpoint_ldm.tsv", "first_stage_model.", ldm) == 0,
+    CHECK(write_spec_file("spec/sd15_vae_diffusers.tsv", "", diff) > 0 && write_spec_file("spec/sd15_checkpoint_ldm.tsv", "first_stage_model.", ldm) > 0,
           "writing SD1.5-shaped files: %s", sd_last_error());
     sd_precision p;
     sd_precision_parse("fp32", &p);
