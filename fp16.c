@@ -505,6 +505,46 @@ float sd_erff(float xf) {
     return neg ? -f : f;
 }
 
+/* erf(a), a >= 0, in double: the series above (positive terms, no cancellation). */
+static double erf_series(double a) {
+    double a2 = a * a, two_a2 = a2 + a2, term = a, sum = a;
+    for (int n = 1; n < 400; n++) {
+        term = term * two_a2 / (double)(2 * n + 1);
+        sum += term;
+        if (term < sum * 0x1p-58) break;
+    }
+    return 0x1.20dd750429b6dp+0 * sum * sd_exp(-a2);
+}
+
+/* erfc(a), a >= 0, in double. Below 3: 1 - erf (erfc(3) = 2.2e-5, so at most ~1e-11 relative is
+ * lost); from 3 on the continued fraction erfc(a) = exp(-a^2)/sqrt(pi) / (a + (1/2)/(a + 1/(a +
+ * (3/2)/(a + ...)))), evaluated backwards, which has no cancellation at all. */
+static double erfc_pos(double a) {
+    if (a < 3.0) return 1.0 - erf_series(a);
+    double t = a;
+    for (int k = 120; k >= 1; k--) t = a + (k * 0.5) / t;
+    return sd_exp(-a * a) / (0x1.c5bf891b4ef6bp+0 * t);   /* sqrt(pi) */
+}
+
+float sd_gelu_erff(float xf) {
+    double x = (double)xf;
+    if (x != x) return xf;
+    if (x == 0) return xf;
+    if (x > 10.0) return xf;                             /* Phi(10) = 1 - 7.6e-24 */
+    if (x < -40.0) return -0.0f;                         /* x Phi(x) below the smallest float */
+    double a = (x < 0 ? -x : x) * 0x1.6a09e667f3bcdp-1;  /* |x| / sqrt 2 */
+    double phi = x < 0 ? 0.5 * erfc_pos(a) : 1.0 - 0.5 * erfc_pos(a);
+    return (float)(x * phi);
+}
+
+float sd_gelu_tanhf(float xf) {
+    double x = (double)xf;
+    if (x != x) return xf;
+    double u = 0x1.9884533d43651p-1 * (x + 0.044715 * x * x * x);   /* sqrt(2/pi) (x + 0.044715 x^3) */
+    if (u < -300.0) return x < 0 ? -0.0f : 0.0f;
+    return (float)(x / (1.0 + sd_exp(-2.0 * u)));    /* 0.5 x (1 + tanh u) = x sigmoid(2u) */
+}
+
 float sd_tanhf(float xf) {
     double x = (double)xf;
     if (x != x) return xf;

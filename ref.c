@@ -522,12 +522,8 @@ static void unary_range(void *arg, int64_t begin, int64_t end) {
         float x = j->x[i], y;
         switch (j->kind) {
         case U_SILU: y = x / (1.0f + sd_expf(-x)); break;                                   /* x * sigmoid(x) */
-        case U_GELU: y = 0.5f * x * (1.0f + sd_erff(x * 0.70710678118654752f)); break;      /* exact (erf) GELU */
-        case U_GELU_TANH: {                                                                  /* tanh approximation */
-            float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-            y = 0.5f * x * (1.0f + sd_tanhf(inner));
-            break;
-        }
+        case U_GELU: y = sd_gelu_erff(x); break;                                  /* exact (erf) GELU */
+        case U_GELU_TANH: y = sd_gelu_tanhf(x); break;                              /* tanh approximation */
         case U_QUICK_GELU: y = x * sigmoidf(1.702f * x); break;                             /* CLIP's quick_gelu */
         default: y = x * j->s; break;
         }

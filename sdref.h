@@ -139,6 +139,10 @@ float sd_expf(float x);
 float sd_logf(float x);
 float sd_erff(float x);
 float sd_tanhf(float x);
+/* GELU, x Phi(x), evaluated in double and rounded once: erf form (0.5 x (1 + erf(x / sqrt 2)),
+ * with erfc for negative x, where float's 1 + erf(x) cancels) and tanh form (x sigmoid(2u)). */
+float sd_gelu_erff(float x);
+float sd_gelu_tanhf(float x);
 float sd_sinf(float x);
 float sd_cosf(float x);
 double sd_exp(double x);
