@@ -850,7 +850,7 @@ static void clean_codepoints(ustr *text) {
     while (a < b && is_space_py(out.c[a])) a++;
     while (b > a && is_space_py(out.c[b - 1])) b--;
     ustr stripped = {0};
-    us_push_n(&stripped, out.c + a, b - a);
+    us_push_n(&stripped, out.c ? out.c + a : NULL, b - a);
     us_free(&out);
     ustr lowered = {0};
     str_lower(&stripped, &lowered);
