@@ -164,6 +164,97 @@ int write_spec_file(const char *tsv, const char *prefix, const char *out) {
     return count;
 }
 
+/* Diffusers modules sdref does not trace: Dropout (identity) and to_out.1 (its dropout). */
+static int untraced(const char *name) {
+    size_t n = strlen(name);
+    return (n > 8 && strcmp(name + n - 8, ".dropout") == 0) || (n > 9 && strcmp(name + n - 9, ".to_out.1") == 0);
+}
+
+const sd_trace_entry *trace_find(const sd_trace *t, const char *name) {
+    for (int i = 0; i < t->n; i++)
+        if (strcmp(t->e[i].name, name) == 0) return &t->e[i];
+    return NULL;
+}
+
+/* A metadata value of a golden trace ("order", "aliases"), itself JSON text, parsed. */
+static int golden_meta(const sd_safetensors *st, const char *key, sd_json *out) {
+    sd_json meta;
+    int rc = -1;
+    if (!st->metadata_json || json_parse(st->metadata_json, strlen(st->metadata_json), "metadata", &meta) != 0) return -1;
+    const char *text = json_str(&meta, key, NULL);
+    if (text) rc = json_parse(text, strlen(text), key, out);
+    json_free(&meta);
+    return rc;
+}
+
+/* Compare each golden tensor whose name starts with `prefix` (in execution order, then the
+ * aliases) with sdref's; name the first that diverges by more than rel x its max |golden|,
+ * and check sdref traced them in the same order. */
+void walk_golden_trace(const char *rel_trace, const char *prefix, const sd_trace *ours, double rel, const char *what) {
+    sd_safetensors st;
+    if (st_open(&st, shared_path(rel_trace)) != 0) {
+        CHECK(0, "%s: %s", rel_trace, sd_last_error());
+        return;
+    }
+    sd_json order, aliases;
+    int have_aliases = golden_meta(&st, "aliases", &aliases) == 0 && aliases.type == JSON_OBJECT;
+    if (golden_meta(&st, "order", &order) != 0 || order.type != JSON_ARRAY) {
+        CHECK(0, "%s: no order metadata", rel_trace);
+        st_close(&st);
+        return;
+    }
+    int compared = 0, missing = 0, last_pos = -1, out_of_order = 0;
+    const char *first_bad = NULL;
+    double first_bad_err = 0, worst = 0;
+    size_t pl = strlen(prefix);
+    int total = order.n + (have_aliases ? aliases.n : 0);
+    for (int i = 0; i < total; i++) {
+        const char *name, *stored;
+        if (i < order.n) name = stored = order.items[i].str;
+        else {
+            name = aliases.keys[i - order.n];
+            stored = aliases.items[i - order.n].str;
+        }
+        if (!name || !stored || strncmp(name, prefix, pl) != 0 || untraced(name)) continue;
+        const st_entry *e = st_find(&st, stored);
+        const sd_trace_entry *t = trace_find(ours, name);
+        if (!e || !t || !t->data) {
+            if (!missing) CHECK(0, "%s: sdref's trace has no '%s'", what, name);
+            missing++;
+            continue;
+        }
+        if (i < order.n) {                                   /* execution order */
+            int pos = (int)(t - ours->e);
+            if (pos < last_pos && !out_of_order++) CHECK(0, "%s: '%s' traced before its predecessor", what, name);
+            last_pos = pos;
+        }
+        size_t n = 1, tn = 1;
+        for (int d = 0; d < e->ndim; d++) n *= (size_t)e->shape[d];
+        for (int d = 0; d < 4; d++) tn *= (size_t)t->shape[d];
+        if (n != tn) {                                       /* same values in the same order; layouts may differ */
+            CHECK(0, "%s: '%s' has %zu elements, golden %zu", what, name, tn, n);
+            continue;
+        }
+        float *g = malloc(n * sizeof(float) + 4);
+        st_read_f32(&st, e, g);
+        double m = max_abs(g, n), d = max_diff(t->data, g, n), r = m > 0 ? d / m : d;
+        free(g);
+        compared++;
+        if (r > worst) worst = r;
+        if (r > rel && !first_bad) {
+            first_bad = name;
+            first_bad_err = r;
+        }
+    }
+    CHECK(compared > 0 && missing == 0, "%s: %d tensors compared, %d missing from sdref's trace", what, compared, missing);
+    CHECK(!first_bad, "%s: first module to diverge: %s (max |diff| / max |golden| = %.3g)", what, first_bad ? first_bad : "",
+          first_bad_err);
+    if (env_flag("SDREF_VERBOSE")) fprintf(stderr, "  %s: %d tensors, worst relative error %.3g\n", what, compared, worst);
+    json_free(&order);
+    if (have_aliases) json_free(&aliases);
+    st_close(&st);
+}
+
 static void cleanup(void) {
     if (tmp_dir[0] && !env_flag("SDREF_KEEP_TMP")) {
         char cmd[4200];

@@ -35,4 +35,10 @@ double rms_diff(const float *a, const float *b, size_t n);
  * whose name starts with `prefix`; I64 buffers as arange): the real layouts, made on the spot.
  * Returns the number of tensors written, -1 on failure. */
 int write_spec_file(const char *tsv_rel, const char *prefix, const char *out);
+/* Golden-trace walks: every tensor of a golden trace (shared path) whose name starts with
+ * `prefix`, in execution order and then its aliases, against sdref's trace of the same run:
+ * present, traced in the same order, within rel x its max |golden|; the first that diverges is
+ * named. */
+const sd_trace_entry *trace_find(const sd_trace *t, const char *name);
+void walk_golden_trace(const char *rel_trace, const char *prefix, const sd_trace *ours, double rel, const char *what);
 #endif

@@ -138,7 +138,6 @@ static int file_exists(const char *path) {
     return f != NULL;
 }
 
-static const sd_trace_entry *trace_find(const sd_trace *t, const char *name);
 
 /* ---- fp32 against golden: diffusers file, LDM checkpoint, and F16/BF16 files ---- */
 
@@ -278,90 +277,6 @@ static void test_fp16(void) {
 
 /* ---- trace walk: every golden unet.* tensor in execution order ---- */
 
-static const sd_trace_entry *trace_find(const sd_trace *t, const char *name) {
-    for (int i = 0; i < t->n; i++)
-        if (strcmp(t->e[i].name, name) == 0) return &t->e[i];
-    return NULL;
-}
-
-/* A metadata value of a golden trace ("order", "aliases"), itself JSON text, parsed. */
-static int golden_meta(const sd_safetensors *st, const char *key, sd_json *out) {
-    sd_json meta;
-    int rc = -1;
-    if (!st->metadata_json || json_parse(st->metadata_json, strlen(st->metadata_json), "metadata", &meta) != 0) return -1;
-    const char *text = json_str(&meta, key, NULL);
-    if (text) rc = json_parse(text, strlen(text), key, out);
-    json_free(&meta);
-    return rc;
-}
-
-/* Compare each golden tensor whose name starts with `prefix` (in execution order, then the
- * aliases) with sdref's; name the first that diverges by more than rel x its max |golden|,
- * and check sdref traced them in the same order. */
-static void walk_trace(const char *rel_trace, const char *prefix, const sd_trace *ours, double rel, const char *what) {
-    sd_safetensors st;
-    if (st_open(&st, shared_path(rel_trace)) != 0) {
-        CHECK(0, "%s: %s", rel_trace, sd_last_error());
-        return;
-    }
-    sd_json order, aliases;
-    int have_aliases = golden_meta(&st, "aliases", &aliases) == 0 && aliases.type == JSON_OBJECT;
-    if (golden_meta(&st, "order", &order) != 0 || order.type != JSON_ARRAY) {
-        CHECK(0, "%s: no order metadata", rel_trace);
-        st_close(&st);
-        return;
-    }
-    int compared = 0, missing = 0, last_pos = -1, out_of_order = 0;
-    const char *first_bad = NULL;
-    double first_bad_err = 0, worst = 0;
-    size_t pl = strlen(prefix);
-    int total = order.n + (have_aliases ? aliases.n : 0);
-    for (int i = 0; i < total; i++) {
-        const char *name, *stored;
-        if (i < order.n) name = stored = order.items[i].str;
-        else {
-            name = aliases.keys[i - order.n];
-            stored = aliases.items[i - order.n].str;
-        }
-        if (!name || !stored || strncmp(name, prefix, pl) != 0) continue;
-        const st_entry *e = st_find(&st, stored);
-        const sd_trace_entry *t = trace_find(ours, name);
-        if (!e || !t || !t->data) {
-            if (!missing) CHECK(0, "%s: sdref's trace has no '%s'", what, name);
-            missing++;
-            continue;
-        }
-        if (i < order.n) {                                   /* execution order */
-            int pos = (int)(t - ours->e);
-            if (pos < last_pos && !out_of_order++) CHECK(0, "%s: '%s' traced before its predecessor", what, name);
-            last_pos = pos;
-        }
-        size_t n = 1, tn = 1;
-        for (int d = 0; d < e->ndim; d++) n *= (size_t)e->shape[d];
-        for (int d = 0; d < 4; d++) tn *= (size_t)t->shape[d];
-        if (n != tn || t->shape[t->ndim - 1] != e->shape[e->ndim - 1]) {
-            CHECK(0, "%s: '%s' has %zu elements, golden %zu", what, name, tn, n);
-            continue;
-        }
-        float *g = malloc(n * sizeof(float) + 4);
-        st_read_f32(&st, e, g);
-        double m = max_abs(g, n), d = max_diff(t->data, g, n), r = m > 0 ? d / m : d;
-        free(g);
-        compared++;
-        if (r > worst) worst = r;
-        if (r > rel && !first_bad) {
-            first_bad = name;
-            first_bad_err = r;
-        }
-    }
-    CHECK(compared > 0 && missing == 0, "%s: %d tensors compared, %d missing from sdref's trace", what, compared, missing);
-    CHECK(!first_bad, "%s: first module to diverge: %s (max |diff| / max |golden| = %.3g)", what, first_bad ? first_bad : "",
-          first_bad_err);
-    if (env_flag("SDREF_VERBOSE")) fprintf(stderr, "  %s: %d tensors, worst relative error %.3g\n", what, compared, worst);
-    json_free(&order);
-    if (have_aliases) json_free(&aliases);
-    st_close(&st);
-}
 
 static void test_trace(void) {
     unet_inputs in;
@@ -373,7 +288,7 @@ static void test_trace(void) {
         tr.keep_data = 1;
         sd_ctx c = make_ctx("fp32", "unet", &tr);
         sd_tensor out = unet_forward(u, &c, &in.sample, &in.t, &in.context, NULL);
-        walk_trace(TINY "trace.safetensors", "unet.", &tr, 1e-4, "tiny_a unet trace");
+        walk_golden_trace(TINY "trace.safetensors", "unet.", &tr, 1e-4, "tiny_a unet trace");
         const sd_trace_entry *last = tr.n ? &tr.e[tr.n - 1] : NULL;
         CHECK(last && !strcmp(last->name, "unet.conv_out") && !memcmp(last->data, out.data, tensor_numel(&out) * sizeof(float)),
               "the last traced tensor is the output (unet.conv_out)");
@@ -492,7 +407,7 @@ static void run_ip(sd_unet *u, const unet_inputs *in, const char *adapter, const
         sd_unet_ip ip = { a, &tok, scale };
         sd_tensor out = unet_forward(u, &c, &in->sample, &in->t, &in->context, &ip);
         check_golden(golden, &out, golden, 1e-5);
-        if (trace_prefix) walk_trace(TINY "trace.safetensors", trace_prefix, &tr, 1e-4, "IP-Adapter trace (attn2 with IP)");
+        if (trace_prefix) walk_golden_trace(TINY "trace.safetensors", trace_prefix, &tr, 1e-4, "IP-Adapter trace (attn2 with IP)");
         tensor_free(&out);
     }
     sd_trace_free(&tr);

@@ -141,91 +141,6 @@ static void test_fp16(void) {
 
 /* ---- trace walk: every golden vae.* tensor in execution order ---- */
 
-static const sd_trace_entry *trace_find(const sd_trace *t, const char *name) {
-    for (int i = 0; i < t->n; i++)
-        if (strcmp(t->e[i].name, name) == 0) return &t->e[i];
-    return NULL;
-}
-
-/* A metadata value of a golden trace ("order", "aliases"), itself JSON text, parsed. */
-static int golden_meta(const sd_safetensors *st, const char *key, sd_json *out) {
-    sd_json meta;
-    int rc = -1;
-    if (!st->metadata_json || json_parse(st->metadata_json, strlen(st->metadata_json), "metadata", &meta) != 0) return -1;
-    const char *text = json_str(&meta, key, NULL);
-    if (text) rc = json_parse(text, strlen(text), key, out);
-    json_free(&meta);
-    return rc;
-}
-
-/* Diffusers modules sdref does not trace: Dropout (identity) and to_out.1 (its dropout). */
-static int untraced(const char *name) {
-    size_t n = strlen(name);
-    return (n > 8 && strcmp(name + n - 8, ".dropout") == 0) || (n > 9 && strcmp(name + n - 9, ".to_out.1") == 0);
-}
-
-/* Compare each golden tensor (in order, then the aliases) with sdref's; name the first that
- * diverges by more than rel x its max |golden|. */
-static void walk_trace(const char *rel_trace, const sd_trace *ours, double rel, const char *what) {
-    sd_safetensors st;
-    if (st_open(&st, shared_path(rel_trace)) != 0) {
-        CHECK(0, "%s: %s", rel_trace, sd_last_error());
-        return;
-    }
-    sd_json order, aliases;
-    int have_aliases = golden_meta(&st, "aliases", &aliases) == 0;
-    if (golden_meta(&st, "order", &order) != 0 || order.type != JSON_ARRAY) {
-        CHECK(0, "%s: no order metadata", rel_trace);
-        st_close(&st);
-        if (have_aliases) json_free(&aliases);
-        return;
-    }
-    int compared = 0, missing = 0;
-    const char *first_bad = NULL;
-    double first_bad_err = 0, worst = 0;
-    int total = order.n + (have_aliases && aliases.type == JSON_OBJECT ? aliases.n : 0);
-    for (int i = 0; i < total; i++) {
-        const char *name, *stored;
-        if (i < order.n) name = stored = order.items[i].str;
-        else {
-            name = aliases.keys[i - order.n];
-            stored = aliases.items[i - order.n].str;
-        }
-        if (!name || !stored || strncmp(name, "vae.", 4) != 0 || untraced(name)) continue;
-        const st_entry *e = st_find(&st, stored);
-        const sd_trace_entry *t = trace_find(ours, name);
-        if (!e || !t || !t->data) {
-            if (!missing) CHECK(0, "%s: sdref's trace has no '%s'", what, name);
-            missing++;
-            continue;
-        }
-        size_t n = 1;
-        for (int d = 0; d < e->ndim; d++) n *= (size_t)e->shape[d];
-        size_t tn = 1;
-        for (int d = 0; d < 4; d++) tn *= (size_t)t->shape[d];
-        if (n != tn) {
-            CHECK(0, "%s: '%s' has %zu elements, golden %zu", what, name, tn, n);
-            continue;
-        }
-        float *g = malloc(n * sizeof(float));
-        st_read_f32(&st, e, g);
-        double m = max_abs(g, n), d = max_diff(t->data, g, n), r = m > 0 ? d / m : d;
-        free(g);
-        compared++;
-        if (r > worst) worst = r;
-        if (r > rel && !first_bad) {
-            first_bad = name;
-            first_bad_err = r;
-        }
-    }
-    CHECK(compared > 0 && missing == 0, "%s: %d tensors compared, %d missing from sdref's trace", what, compared, missing);
-    CHECK(!first_bad, "%s: first module to diverge: %s (max |diff| / max |golden| = %.3g)", what, first_bad ? first_bad : "",
-          first_bad_err);
-    if (env_flag("SDREF_VERBOSE")) fprintf(stderr, "  %s: %d tensors, worst relative error %.3g\n", what, compared, worst);
-    json_free(&order);
-    if (have_aliases) json_free(&aliases);
-    st_close(&st);
-}
 
 static void test_trace(void) {
     sd_vae *v = load_vae("golden/tiny_a/vae.safetensors", "golden/tiny_a/vae_config.json", "fp32");
@@ -246,7 +161,7 @@ static void test_trace(void) {
         tensor_free(&logvar);
     }
     tensor_free(&z);
-    walk_trace("golden/tiny_a/trace.safetensors", &tr, 1e-4, "tiny_a trace");
+    walk_golden_trace("golden/tiny_a/trace.safetensors", "vae.", &tr, 1e-4, "tiny_a trace");
     /* the trace file round trip: written, then readable with every name */
     const char *path = tmp_path("vae_trace.safetensors");
     CHECK(sd_trace_write(&tr, path) == 0, "sd_trace_write: %s", sd_last_error());
@@ -303,7 +218,7 @@ static void test_overflow(void) {
         img = vae_decode(v, &c, &z);
         if (k == 0) {
             check_close("overflow fp32 decode", &img, &want, 1e-5);
-            walk_trace("golden/tiny_a_overflow/trace.safetensors", &tr, 1e-4, "overflow fp32 trace (every leaf)");
+            walk_golden_trace("golden/tiny_a_overflow/trace.safetensors", "vae.", &tr, 1e-4, "overflow fp32 trace (every leaf)");
             CHECK(strcmp(first_where(&tr, 0), want_over) == 0, "fp32: first |x| > 65504 at %s, golden %s", first_where(&tr, 0), want_over);
         } else {
             size_t n = tensor_numel(&img), nan = 0, gnan = 0;
