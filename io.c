@@ -1048,6 +1048,7 @@ void st_writer_add_f32(st_writer *w, const char *name, int ndim, const int64_t *
     uint8_t *b = sd_malloc(4 * n);
     for (size_t i = 0; i < n; i++) {
         uint32_t u = sd_f32_bits(data[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) u = 0x7fc00000u;   /* one NaN: its sign and payload differ by CPU */
         for (int k = 0; k < 4; k++) b[4 * i + (size_t)k] = (uint8_t)(u >> (8 * k));
     }
     st_writer_add_raw(w, name, ST_F32, ndim, shape, b, 4 * n);
@@ -1431,5 +1432,14 @@ int npy_write(const char *path, npy_dtype dt, int ndim, const int64_t *shape, co
 int npy_write_tensor(const char *path, const sd_tensor *t) {
     int64_t shape[4];
     for (int i = 0; i < t->ndim; i++) shape[i] = t->shape[i];
-    return npy_write(path, NPY_F32, t->ndim, shape, t->data);
+    /* NaN written as one pattern (0x7fc00000): arithmetic makes NaNs whose sign differs between
+     * x86 and ARM, and the files must be the same on every machine */
+    size_t n = tensor_numel(t), nan = 0;
+    for (size_t i = 0; i < n; i++) nan += t->data[i] != t->data[i];
+    if (!nan) return npy_write(path, NPY_F32, t->ndim, shape, t->data);
+    float *c = sd_malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) c[i] = t->data[i] != t->data[i] ? sd_f32_from_bits(0x7fc00000u) : t->data[i];
+    int rc = npy_write(path, NPY_F32, t->ndim, shape, c);
+    free(c);
+    return rc;
 }

@@ -1036,7 +1036,7 @@ static int load_param(sd_loader *l, sd_param *out, const char *name, int ndim, c
         return -1;
     }
     const st_entry *e = &l->st->entries[i];
-    int64_t want[8];
+    int64_t want[8] = { 0 };
     for (int d = 0; d < ndim; d++) want[d] = shape[d];
     int ok = e->ndim == ndim;
     for (int d = 0; ok && d < ndim; d++) ok = e->shape[d] == want[d];

@@ -37,7 +37,7 @@
 /* Bits are defined by the source only when float arithmetic is evaluated in float (not in the
  * x87's 80-bit registers). 32-bit x86: build with -msse2 -mfpmath=sse. */
 #if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
-#error "sdref needs FLT_EVAL_METHOD == 0 (on 32-bit x86: -msse2 -mfpmath=sse)"
+#error "sdref needs FLT_EVAL_METHOD == 0 (32-bit x86: -msse2 -mfpmath=sse; s390x: -fexcess-precision=fast)"
 #endif
 
 #define SDREF_VERSION "0.1.0"

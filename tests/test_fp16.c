@@ -300,8 +300,10 @@ static void test_round_buffer(void) {
             want[i] = sd_round(buf[i], (sd_format)k);
         }
         sd_round_buffer(buf, N - k, (sd_format)k);      /* the last k elements stay as they are */
+        /* NaN == NaN: on i386 a float returned by a function passes through the x87, which quiets
+         * a signaling NaN, so sd_round(sNaN, fp32) can come back quiet there */
         for (int i = 0; i < N - k; i++)
-            if (fbits(buf[i]) != fbits(want[i])) bad++;
+            if (fbits(buf[i]) != fbits(want[i]) && !(buf[i] != buf[i] && want[i] != want[i])) bad++;
     }
     CHECK(bad == 0, "sd_round_buffer differs from sd_round in %d elements", bad);
     /* speed, for the record */
