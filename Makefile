@@ -33,7 +33,7 @@ demo: sdref
 	./sdref demo
 
 test-full: sdref tests/run
-	SDREF_FULL=1 ./tests/run unet
+	SDREF_FULL=1 ./tests/run
 
 FUZZ_TARGETS = fuzz/fuzz_safetensors fuzz/fuzz_npy fuzz/fuzz_json fuzz/fuzz_png fuzz/fuzz_inflate
 fuzz: $(FUZZ_TARGETS)
