@@ -255,6 +255,31 @@ void walk_golden_trace(const char *rel_trace, const char *prefix, const sd_trace
     st_close(&st);
 }
 
+/* The fp16 preset against the oracle: every value fp16-representable; RMS from the fp32 golden
+ * within +-30% of the oracle's own fp16ops run; RMS from that run at most 1.6x it. */
+void check_fp16_stats(const char *what, const float *x, size_t n, const char *rel_fp32, const char *rel_ops) {
+    float *g32, *gops;
+    int nd;
+    int64_t s[8];
+    size_t n32, nops;
+    if (npy_read_f32(shared_path(rel_fp32), &g32, &nd, s, &n32)) { CHECK(0, "%s: %s", what, sd_last_error()); sd_clear_error(); return; }
+    if (npy_read_f32(shared_path(rel_ops), &gops, &nd, s, &nops)) { CHECK(0, "%s: %s", what, sd_last_error()); sd_clear_error(); free(g32); return; }
+    CHECK(n == n32 && n == nops, "%s: size", what);
+    if (n == n32 && n == nops) {
+        size_t bad = 0;
+        for (size_t i = 0; i < n; i++) bad += !sd_is_representable(x[i], SD_F16);
+        double oracle = rms_diff(gops, g32, n), ours = rms_diff(x, g32, n), to_ops = rms_diff(x, gops, n);
+        CHECK(bad == 0, "%s: %zu values not fp16-representable", what, bad);
+        CHECK(ours >= 0.7 * oracle && ours <= 1.3 * oracle, "%s: RMS from fp32 %.3g, oracle's fp16ops %.3g (allowed +-30%%)",
+              what, ours, oracle);
+        CHECK(to_ops <= 1.6 * oracle, "%s: RMS from fp16ops %.3g > 1.6 x %.3g", what, to_ops, oracle);
+        fprintf(stderr, "  %s: RMS vs fp32 %.4g (oracle %.4g, ratio %.3f); vs fp16ops %.4g (%.3f x)\n", what, ours, oracle,
+                ours / oracle, to_ops, to_ops / oracle);
+    }
+    free(g32);
+    free(gops);
+}
+
 static void cleanup(void) {
     if (tmp_dir[0] && !env_flag("SDREF_KEEP_TMP")) {
         char cmd[4200];
