@@ -17,7 +17,8 @@
  *   sampler.c    noise schedules, samplers, torch-compatible RNGs
  *   pipeline.c   txt2img and img2img: the whole job from the files users have
  *   demo.c       `sdref demo`: a model made on the spot, rendered under three precisions
- *   lab.c        compare results (arrays, images, traces), image metrics
+ *   lab.c        compare results (arrays, images, traces), image metrics, shadow runs
+ *   report.c     `sdref report`: one job under two precisions as one HTML page
  *   cli.c        command-line helpers shared by the commands
  *   main.c       the command line: dispatch to the commands
  *
