@@ -11,7 +11,7 @@
  *      + - * / sqrt so that results never depend on the C library.
  *
  * Everything here assumes IEEE arithmetic evaluated in the declared type (FLT_EVAL_METHOD 0:
- * SSE2, ARM, RISC-V, POWER ...). Compile with -ffp-contract=off, never -ffast-math.
+ * SSE2, ARM, RISC-V, POWER ...). Compile with -ffp-contract=off and never with fast-math options.
  */
 #include "sdref.h"
 #include <math.h>
