@@ -280,6 +280,22 @@ void check_fp16_stats(const char *what, const float *x, size_t n, const char *re
     free(gops);
 }
 
+int load_npy(const char *path, sd_tensor *t) {
+    float *data;
+    int ndim;
+    int64_t shape[8];
+    size_t n;
+    memset(t, 0, sizeof *t);
+    if (npy_read_f32(path, &data, &ndim, shape, &n) != 0) {
+        CHECK(0, "cannot read %s: %s", path, sd_last_error());
+        return -1;
+    }
+    t->ndim = ndim;
+    for (int d = 0; d < 4; d++) t->shape[d] = d < ndim ? (int)shape[d] : 1;
+    t->data = data;
+    return 0;
+}
+
 static void cleanup(void) {
     if (tmp_dir[0] && !env_flag("SDREF_KEEP_TMP")) {
         char cmd[4200];

@@ -43,4 +43,6 @@ const sd_trace_entry *trace_find(const sd_trace *t, const char *name);
 void walk_golden_trace(const char *rel_trace, const char *prefix, const sd_trace *ours, double rel, const char *what);
 /* The fp16 preset's statistical check against the oracle (golden paths under shared/). */
 void check_fp16_stats(const char *what, const float *x, size_t n, const char *rel_fp32, const char *rel_ops);
+/* A float .npy (any numeric dtype) as a tensor of up to 4 dimensions; a failure is a CHECK. */
+int load_npy(const char *path, sd_tensor *t);
 #endif

@@ -14,21 +14,6 @@
 
 /* ---- small helpers ---- */
 
-static int load_npy(const char *path, sd_tensor *t) {
-    float *data;
-    int ndim;
-    int64_t shape[8];
-    size_t n;
-    memset(t, 0, sizeof *t);
-    if (npy_read_f32(path, &data, &ndim, shape, &n) != 0) {
-        CHECK(0, "cannot read %s: %s", path, sd_last_error());
-        return -1;
-    }
-    t->ndim = ndim;
-    for (int d = 0; d < 4; d++) t->shape[d] = d < ndim ? (int)shape[d] : 1;
-    t->data = data;
-    return 0;
-}
 
 static int load_golden(const char *rel, sd_tensor *t) { return load_npy(shared_path(rel), t); }
 

@@ -12,21 +12,7 @@
 /* shared_path() and tmp_path() return rotating buffers: keep a path in a local array. */
 #define KEEP_PATH(var, expr) char var[4096]; snprintf(var, sizeof var, "%s", expr)
 
-static int load_golden(const char *rel, sd_tensor *t) {
-    float *data;
-    int ndim;
-    int64_t shape[8];
-    size_t n;
-    memset(t, 0, sizeof *t);
-    if (npy_read_f32(shared_path(rel), &data, &ndim, shape, &n) != 0) {
-        CHECK(0, "cannot read %s: %s", rel, sd_last_error());
-        return -1;
-    }
-    t->ndim = ndim;
-    for (int d = 0; d < 4; d++) t->shape[d] = d < ndim ? (int)shape[d] : 1;
-    t->data = data;
-    return 0;
-}
+static int load_golden(const char *rel, sd_tensor *t) { return load_npy(shared_path(rel), t); }
 
 static sd_ctx make_ctx(const char *spec, sd_trace *trace) {
     sd_precision p;
